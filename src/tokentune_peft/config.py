@@ -1,0 +1,194 @@
+"""`TokenTuneConfig`: what a user sets to fine-tune with TokenTune."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+from peft import LoraConfig, PeftConfig
+from peft.utils import TaskType
+
+from . import __version__
+
+PEFT_TYPE = "TOKENTUNE"
+CONFIG_NAME = "tokentune_config.json"
+SUPPORTED_TASK_TYPES = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
+ALWAYS_SELECT_CHOICES = ("auto", "first", "last", "none")
+DEFAULT_SELECTION_RATIO = 0.3
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"Cannot write {type(value).__name__} to JSON.")
+
+
+@dataclass
+class TokenTuneConfig(PeftConfig):
+    """Configuration of TokenTune: back-propagate through k selected tokens of each sequence.
+
+    The forward pass stays exact for every token; only the selected tokens' activations are kept for
+    backward and the loss is taken on them. Compose it with LoRA (or QLoRA, on a 4-bit model) through
+    ``peft_config``; leave ``peft_config`` unset to train all weights.
+
+    Args:
+        selection_ratio (`float`): share of each sequence's real tokens to select, in (0, 1];
+            k = ceil(ratio x tokens). Defaults to 0.3 when `num_selected` is unset.
+        num_selected (`int`): a fixed number k of tokens per sequence instead of a ratio.
+        peft_config (`LoraConfig`): the adapter to train with TokenTune; None trains all weights.
+        always_select (`str` or `list[int]`): positions every selection includes. "auto" picks the
+            token the task head reads: the first ([CLS]) for encoder classification, the last real
+            token for decoder classification, none otherwise. Also "first", "last", "none", or a
+            list of sequence indices.
+        seed (`int`): seed of the generator that samples positions when none are given.
+
+    Example:
+        >>> from peft import LoraConfig
+        >>> config = TokenTuneConfig(selection_ratio=0.3, task_type="CAUSAL_LM",
+        ...                          peft_config=LoraConfig(r=8, target_modules="all-linear"))
+        >>> config.selection_ratio, config.peft_config.r
+        (0.3, 8)
+    """
+
+    selection_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "Share of each sequence's real tokens to back-propagate through, in (0, 1]. "
+                  f"Defaults to {DEFAULT_SELECTION_RATIO} unless `num_selected` is set."},
+    )
+    num_selected: Optional[int] = field(
+        default=None, metadata={"help": "Fixed number k of tokens per sequence (instead of `selection_ratio`)."}
+    )
+    peft_config: Optional[LoraConfig] = field(
+        default=None,
+        metadata={"help": "LoraConfig of the adapter trained with TokenTune (QLoRA on a 4-bit model). "
+                  "None trains all weights (full fine-tuning)."},
+    )
+    always_select: Union[str, list[int]] = field(
+        default="auto",
+        metadata={"help": "Positions always selected: 'auto' (the token the task head reads), 'first', 'last', "
+                  "'none', or a list of sequence indices."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the generator that samples the selected positions."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.task_type not in SUPPORTED_TASK_TYPES:
+            allowed = ", ".join(repr(str(t)) for t in SUPPORTED_TASK_TYPES)
+            raise ValueError(f"`task_type` must be one of {allowed}; got {self.task_type!r}.")
+        self._check_budget()
+        self._check_always_select()
+        if isinstance(self.peft_config, dict):
+            self.peft_config = LoraConfig(**self.peft_config)
+        if self.peft_config is not None:
+            if not isinstance(self.peft_config, LoraConfig):
+                raise ValueError(
+                    f"`peft_config` must be a peft LoraConfig or None; got {type(self.peft_config).__name__}."
+                )
+            if self.peft_config.task_type is None:
+                self.peft_config.task_type = self.task_type
+
+    def _check_budget(self) -> None:
+        if self.selection_ratio is not None and self.num_selected is not None:
+            raise ValueError(
+                f"Set `selection_ratio` or `num_selected`, not both; got selection_ratio={self.selection_ratio} "
+                f"and num_selected={self.num_selected}."
+            )
+        if self.num_selected is not None:
+            if isinstance(self.num_selected, bool) or not isinstance(self.num_selected, int) or self.num_selected < 1:
+                raise ValueError(f"`num_selected` must be an integer >= 1; got {self.num_selected!r}.")
+            return
+        if self.selection_ratio is None:
+            self.selection_ratio = DEFAULT_SELECTION_RATIO
+        ratio = self.selection_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"`selection_ratio` must be a number in (0, 1]; got {ratio!r}.")
+        self.selection_ratio = float(ratio)
+
+    def _check_always_select(self) -> None:
+        value = self.always_select
+        if isinstance(value, str):
+            if value not in ALWAYS_SELECT_CHOICES:
+                raise ValueError(
+                    f"`always_select` must be one of {ALWAYS_SELECT_CHOICES} or a list of non-negative ints; "
+                    f"got {value!r}."
+                )
+            return
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+        ):
+            raise ValueError(
+                f"`always_select` must be one of {ALWAYS_SELECT_CHOICES} or a list of non-negative ints; got {value!r}."
+            )
+        self.always_select = list(value)
+
+    # peft's classification wrappers add their heads to `modules_to_save` of the config they are given,
+    # when it has one. With LoRA the heads belong to the adapter; without it every weight trains anyway,
+    # so the attribute is absent (the property raises AttributeError) and peft leaves the heads alone.
+    @property
+    def modules_to_save(self) -> Optional[list[str]]:
+        if self.peft_config is None:
+            raise AttributeError("TokenTune without an adapter trains every module: no `modules_to_save`.")
+        return self.peft_config.modules_to_save
+
+    @modules_to_save.setter
+    def modules_to_save(self, value: Optional[list[str]]) -> None:
+        self.peft_config.modules_to_save = value
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types, the adapter's config nested as a dict."""
+        data = super().to_dict()
+        data["peft_config"] = None if self.peft_config is None else self.peft_config.to_dict()
+        data["tokentune_version"] = __version__
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenTuneConfig":
+        """Build a config from :meth:`to_dict` output; unknown keys are an error, missing ones take defaults.
+
+        Example:
+            >>> TokenTuneConfig.from_dict(TokenTuneConfig(task_type="SEQ_CLS").to_dict()).selection_ratio
+            0.3
+        """
+        data = dict(data)
+        data.pop("tokentune_version", None)
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown TokenTuneConfig fields {unknown}; this version of tokentune_peft ({__version__}) knows "
+                f"{sorted(known)}. The file may come from a newer version."
+            )
+        lora = data.get("peft_config")
+        if isinstance(lora, dict):
+            lora = {k: v for k, v in lora.items() if k != "peft_type"}
+            data["peft_config"] = LoraConfig(**lora)
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``tokentune_config.json`` into ``save_directory`` (a folder you can push to the Hub)."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True, default=_json_value)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Load ``tokentune_config.json`` from a local folder or a Hub repository.
+
+        Example:
+            >>> import tempfile
+            >>> folder = tempfile.mkdtemp()
+            >>> TokenTuneConfig(num_selected=64, task_type="CAUSAL_LM").save_pretrained(folder)
+            >>> TokenTuneConfig.from_pretrained(folder).num_selected
+            64
+        """
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(path):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **kwargs)
+        with open(path) as handle:
+            return cls.from_dict(json.load(handle))

@@ -1,0 +1,207 @@
+"""How a TokenTune training step runs.
+
+For a batch and its selected positions S:
+
+1. **Pass 1, no autograd, all tokens.** The model's backbone runs on the whole batch; every
+   self-attention records its keys, values and mask (:mod:`tokentune_peft.attention`).
+2. **Pass 2, autograd, selected tokens only.** The whole model runs on the tokens in S, with their
+   own ids, original position ids and token types. In each self-attention the selected tokens' keys
+   and values are written into the recorded ones, so the selected queries attend to every token under
+   the model's own mask. Every other module (embeddings, norms, MLPs, heads) sees only the selected
+   rows, so autograd keeps only their activations, plus the keys and values of all tokens.
+3. **Loss on S**, as the model defines it for its task.
+
+The gradient equals that of a full-sequence forward whose layer inputs and attention keys/values are
+detached outside S, with the loss on S: the TokenTune definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.utils import TaskType
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .attention import TokenTuneStep
+from .selection import PAD_POSITION, last_real_positions, sample_positions, validate_selected_positions
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenTuneEngine:
+    """Runs TokenTune steps for one model.
+
+    Args:
+        task_type: CAUSAL_LM, SEQ_CLS or TOKEN_CLS.
+        always_select: resolved choice of always-selected positions ("first", "last", "head", "none"
+            or a list of indices).
+        is_decoder: whether the model's self-attention is causal (decides which token a
+            classification head reads).
+        selection_ratio / num_selected: the budget when positions are sampled.
+        generator: CPU generator used for sampling.
+    """
+
+    task_type: str
+    always_select: str | list[int]
+    is_decoder: bool
+    selection_ratio: float | None
+    num_selected: int | None
+    generator: torch.Generator
+
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        selected_positions: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ModelOutput:
+        if input_ids is None:
+            raise ValueError("A TokenTune training step needs `input_ids`; `inputs_embeds` is not supported.")
+        for name in ("past_key_values", "encoder_hidden_states"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"A TokenTune training step does not take `{name}`.")
+        kwargs.pop("use_cache", None)
+        batch, seq_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        self._check_labels(labels, input_ids)
+        head = self._head_positions(model, input_ids, attention_mask)
+        if selected_positions is None:
+            selected_positions = self.sample(model, input_ids, attention_mask)
+        else:
+            selected_positions = selected_positions.to(input_ids.device)
+            validate_selected_positions(selected_positions, attention_mask)
+        if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
+            raise ValueError(
+                f"`selected_positions` must include the token the classification head reads, at positions "
+                f"{head.tolist()}."
+            )
+        positions = self._full_position_ids(model, input_ids, position_ids)
+
+        valid = selected_positions != PAD_POSITION
+        slots = selected_positions.clamp(min=0)
+        batch_index, slot_index = valid.nonzero(as_tuple=True)
+        step = TokenTuneStep(batch_index, slot_index, slots, valid, seq_len)
+
+        with torch.no_grad():
+            base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                use_cache=False, tokentune_step=step, **base_inputs,
+            )
+        if step.num_recorded == 0:
+            raise RuntimeError(
+                "No attention call reached TokenTune's attention function: the model's attention does not go "
+                "through transformers' attention registry, or its attention implementation was changed after "
+                "wrapping."
+            )
+        step.recording = False
+
+        selected_ids = input_ids.gather(1, slots)
+        pad_id = getattr(model.config, "pad_token_id", None)
+        if pad_id is not None:  # a decoder classification head reads the last non-pad token of the slots
+            selected_ids = selected_ids.masked_fill(~valid, pad_id)
+        inputs = {
+            "input_ids": selected_ids,
+            "position_ids": positions.gather(1, slots),
+            "use_cache": False,
+            "tokentune_step": step,
+        }
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids.expand(batch, seq_len).gather(1, slots)
+        if self.task_type == TaskType.CAUSAL_LM:
+            num_items = kwargs.pop("num_items_in_batch", None)
+            output = model(**inputs, **kwargs)
+            if labels is not None:
+                next_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+                targets = next_labels.gather(1, slots).masked_fill(~valid, IGNORE_INDEX)
+                output["loss"] = self._causal_lm_loss(model, output.logits, targets, num_items)
+        elif self.task_type == TaskType.TOKEN_CLS and labels is not None:
+            targets = labels.gather(1, slots).masked_fill(~valid, IGNORE_INDEX)
+            output = model(**inputs, labels=targets, **kwargs)
+            if not (targets != IGNORE_INDEX).any():
+                output["loss"] = output.logits.sum() * 0.0
+        else:
+            output = model(**inputs, labels=labels, **kwargs)
+        output["selected_positions"] = selected_positions
+        return output
+
+    def sample(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sample positions for a batch from the budget, including the always-selected ones.
+
+        Example: see :func:`tokentune_peft.selection.sample_positions`.
+        """
+        always = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        choice = self.always_select
+        if choice == "head":
+            always[rows, self._head_positions(model, input_ids, attention_mask)] = True
+        elif choice == "first":
+            always[rows, (attention_mask.cumsum(1) == 0).sum(1).clamp(max=input_ids.shape[1] - 1)] = True
+        elif choice == "last":
+            always[rows, last_real_positions(attention_mask)] = True
+        elif isinstance(choice, list):
+            index = torch.tensor([i for i in choice if i < input_ids.shape[1]], dtype=torch.long)
+            always[:, index.to(always.device)] = True
+        always &= attention_mask.bool()
+        return sample_positions(attention_mask, always, self.generator, self.selection_ratio, self.num_selected)
+
+    def _head_positions(self, model, input_ids, attention_mask) -> torch.Tensor | None:
+        """Where the sequence-classification head reads, as transformers' heads compute it."""
+        if self.task_type != TaskType.SEQ_CLS:
+            return None
+        if not self.is_decoder:  # poolers read the first token ([CLS])
+            return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        pad_id = getattr(model.config, "pad_token_id", None)
+        if pad_id is None:
+            if input_ids.shape[0] > 1:
+                raise ValueError("Decoder sequence classification of batches needs `config.pad_token_id`.")
+            return torch.full((1,), input_ids.shape[1] - 1, device=input_ids.device)
+        return last_real_positions((input_ids != pad_id).long())
+
+    @staticmethod
+    def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+        if labels is None:
+            return
+        if labels.dim() == 2 and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"`labels` of shape {tuple(labels.shape)} do not match `input_ids` {tuple(input_ids.shape)}."
+            )
+
+    @staticmethod
+    def _full_position_ids(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
+        """Position ids of every token, as the model would compute them when none are given."""
+        batch, seq_len = input_ids.shape
+        if position_ids is not None:
+            if position_ids.shape[-1] != seq_len:
+                raise ValueError(
+                    f"`position_ids` must have {seq_len} positions per row; got shape {tuple(position_ids.shape)}."
+                )
+            return position_ids.expand(batch, seq_len)
+        embeddings = getattr(model.base_model, "embeddings", None)
+        from_ids = getattr(type(embeddings), "create_position_ids_from_input_ids", None)
+        if from_ids is not None:  # RoBERTa family: positions skip padding and start after padding_idx
+            return from_ids(input_ids, embeddings.padding_idx)
+        return torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
+
+    @staticmethod
+    def _causal_lm_loss(model, logits, targets, num_items_in_batch) -> torch.Tensor:
+        if not (targets != IGNORE_INDEX).any():
+            return logits.sum() * 0.0  # no supervised token selected: zero loss, not NaN
+        return model.loss_function(
+            logits=logits, labels=None, vocab_size=logits.shape[-1], shift_labels=targets,
+            num_items_in_batch=num_items_in_batch,
+        )

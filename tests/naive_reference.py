@@ -1,0 +1,73 @@
+"""An independent, naive implementation of the TokenTune gradient, for the tests.
+
+It runs the stock model on the full sequence, with:
+1. every transformer layer's input detached at rows outside S (a forward pre-hook on each layer);
+2. inside every self-attention, keys and values of positions outside S detached (an attention
+   function that wraps transformers' own sdpa), under the model's own masks;
+3. the loss taken on positions in S only.
+It shares no code with tokentune_peft.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+_current_selection: dict[str, torch.Tensor] = {}
+
+
+def _detach_outside(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, tensor, tensor.detach())
+
+
+def _naive_attention(module, query, key, value, attention_mask, **kwargs):
+    keep = _current_selection["mask"][:, None, :, None]  # [B, 1, N, 1] over [B, heads, N, D]
+    key, value = _detach_outside(key, keep), _detach_outside(value, keep)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register("naive_tokentune", _naive_attention)
+AttentionMaskInterface.register("naive_tokentune", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _detach_layer_input(module, args, kwargs):
+    keep = _current_selection["mask"][..., None]
+    if args:
+        return (_detach_outside(args[0], keep), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": _detach_outside(kwargs["hidden_states"], keep)}
+
+
+def selection_mask(selected_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    mask = torch.zeros(selected_positions.shape[0], seq_len, dtype=torch.bool)
+    for row, positions in enumerate(selected_positions.tolist()):
+        mask[row, [p for p in positions if p >= 0]] = True
+    return mask
+
+
+def naive_tokentune_loss(model: nn.Module, batch: dict, selected_positions: torch.Tensor, task: str):
+    """Loss of the naive definition; ``model`` is a transformers model (with or without LoRA layers)."""
+    seq_len = batch["input_ids"].shape[1]
+    in_s = selection_mask(selected_positions, seq_len)
+    _current_selection["mask"] = in_s
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "naive_tokentune"
+    hooks = [m.register_forward_pre_hook(_detach_layer_input, with_kwargs=True)
+             for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    try:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if task == "SEQ_CLS":
+            return model(**inputs, labels=batch["labels"]).loss
+        logits = model(**inputs).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.config._attn_implementation = previous
+    labels = batch["labels"]
+    if task == "CAUSAL_LM":
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    targets = torch.where(in_s, labels, torch.full_like(labels, -100))
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,159 @@
+"""The TokenTune step against the definition: forward, gradient, loss, and what it composes with."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from naive_reference import naive_tokentune_loss
+from peft import LoraConfig, get_peft_model
+from tiny_models import CONFIGS, ENCODERS, build_model, fixed_selection, make_batch, tasks_of
+
+from tokentune_peft import TokenTuneConfig
+
+CASES = [(arch, task) for arch in CONFIGS for task in tasks_of(arch)]
+CASE_IDS = [f"{arch}-{task.lower()}" for arch, task in CASES]
+
+
+def wrap(model, task: str, lora: bool, **config):
+    adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
+    torch.manual_seed(1)
+    return get_peft_model(model, TokenTuneConfig(task_type=task, peft_config=adapter, **config))
+
+
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_grads(engine_model, reference_model, rtol=1e-4, atol=1e-6):
+    engine = trainable_grads(engine_model)
+    reference = trainable_grads(reference_model)
+    assert engine.keys() == reference.keys()
+    for name, grad in engine.items():
+        expected = reference[name]
+        if expected is None:  # e.g. a position embedding row no selected token uses
+            assert grad is None or not grad.any(), name
+            continue
+        assert grad is not None, f"{name} got no gradient"
+        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(("arch", "task"), CASES, ids=CASE_IDS)
+def test_gradient_matches_naive_definition(arch, task, lora):
+    model = wrap(build_model(arch, task), task, lora)
+    naive = copy.deepcopy(model).get_base_model()
+    batch = make_batch(model, task, padding_side="right" if arch in ENCODERS else "left")
+    selected = fixed_selection(batch, arch, task, model)
+
+    output = model(**batch, selected_positions=selected)
+    output.loss.backward()
+    expected = naive_tokentune_loss(naive, batch, selected, task)
+    expected.backward()
+
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(output.selected_positions, selected)
+    assert_same_grads(model, naive)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize(("arch", "task"), CASES, ids=CASE_IDS)
+def test_forward_matches_stock_model_at_selected_positions(arch, task, padding_side):
+    if arch in ENCODERS and task == "SEQ_CLS" and padding_side == "left":
+        pytest.skip("encoder poolers read index 0, which left padding makes a padding token")
+    stock = build_model(arch, task)
+    model = wrap(copy.deepcopy(stock), task, lora=False)
+    batch = make_batch(stock, task, padding_side=padding_side)
+    selected = fixed_selection(batch, arch, task, stock)
+
+    logits = model(**batch, selected_positions=selected).logits
+    with torch.no_grad():
+        expected = stock(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    if task == "SEQ_CLS":
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        return
+    assert logits.shape[:2] == selected.shape  # never logits for all tokens
+    for row, positions in enumerate(selected.tolist()):
+        for slot, position in enumerate(positions):
+            if position >= 0:
+                torch.testing.assert_close(logits[row, slot], expected[row, position], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
+def test_user_position_ids_and_token_type_ids_are_honoured(arch):
+    task = "TOKEN_CLS"
+    stock = build_model(arch, task, type_vocab_size=2) if arch == "roberta" else build_model(arch, task)
+    model = wrap(copy.deepcopy(stock), task, lora=False)
+    batch = make_batch(stock, task, padding_side="right")
+    batch["position_ids"] = torch.arange(12).expand(2, 12) + 5 + (2 if arch == "roberta" else 0)
+    if arch == "roberta":
+        batch["token_type_ids"] = (torch.arange(12) >= 6).long().expand(2, 12)
+    selected = fixed_selection(batch, arch, task, stock)
+    logits = model(**batch, selected_positions=selected).logits
+    with torch.no_grad():
+        expected = stock(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(logits[0], expected[0, selected[0]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_ratio_one_gives_full_fine_tuning_gradient(arch, lora):
+    task = "CAUSAL_LM" if arch == "llama" else "TOKEN_CLS"
+    model = wrap(build_model(arch, task), task, lora, selection_ratio=1.0)
+    stock = copy.deepcopy(model).get_base_model()
+    # Right padding: with left padding the stock causal-LM loss also asks the last padding token to
+    # predict the first real one, a position TokenTune never selects.
+    batch = make_batch(model, task, padding_side="right")
+
+    output = model(**batch)
+    output.loss.backward()
+    stock(**batch).loss.backward()
+
+    assert (output.selected_positions >= 0).sum() == batch["attention_mask"].sum()
+    assert_same_grads(model, stock)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(("arch", "task"), [("llama", "CAUSAL_LM"), ("mistral", "CAUSAL_LM"), ("bert", "SEQ_CLS")])
+def test_gradient_checkpointing_gives_the_same_gradient(arch, task, lora, use_reentrant):
+    plain = wrap(build_model(arch, task), task, lora)
+    base = build_model(arch, task)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = wrap(base, task, lora)
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = make_batch(plain, task, padding_side="right")
+    selected = fixed_selection(batch, arch, task, plain)
+
+    plain(**batch, selected_positions=selected).loss.backward()
+    checkpointed(**batch, selected_positions=selected).loss.backward()
+
+    assert_same_grads(checkpointed, plain)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_weights_match_naive_definition(lora):
+    model = wrap(build_model("qwen3", "CAUSAL_LM").to(torch.bfloat16), "CAUSAL_LM", lora)
+    naive = copy.deepcopy(model).get_base_model()
+    batch = make_batch(model, "CAUSAL_LM")
+    selected = fixed_selection(batch, "qwen3", "CAUSAL_LM", model)
+
+    output = model(**batch, selected_positions=selected)
+    output.loss.backward()
+    expected = naive_tokentune_loss(naive, batch, selected, "CAUSAL_LM")
+    expected.backward()
+
+    assert output.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(output.loss, expected, rtol=2e-2, atol=2e-2)
+    assert_same_grads(model, naive, rtol=5e-2, atol=5e-3)
+
+
+def test_samples_positions_when_none_are_given():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False, selection_ratio=0.25)
+    batch = make_batch(model, "CAUSAL_LM")
+    selected = model(**batch).selected_positions
+    assert (selected >= 0).sum(dim=1).tolist() == [3, 2]  # ceil(0.25 x 12), ceil(0.25 x 8)
+    assert batch["attention_mask"].gather(1, selected.clamp(min=0))[selected >= 0].all()

@@ -1,0 +1,110 @@
+"""Tiny random transformers models for the tests, built from configs (nothing is downloaded).
+
+Dimensions are multiples of 32 so bitsandbytes 4-bit layers accept them; dropout is off so two
+forwards of the same tokens agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+    RobertaConfig,
+)
+
+VOCAB = 128
+PAD = 0
+DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=PAD, max_position_embeddings=128)
+ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**DECODER),
+    "mistral": lambda: MistralConfig(**DECODER, sliding_window=4),
+    "qwen2": lambda: Qwen2Config(**DECODER, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "qwen3": lambda: Qwen3Config(**DECODER, head_dim=16),
+    "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, pad_token_id=PAD,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "bert": lambda: BertConfig(**ENCODER, pad_token_id=PAD),
+    "roberta": lambda: RobertaConfig(**ENCODER, pad_token_id=1, max_position_embeddings=130),
+}
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+ENCODERS = ("bert", "roberta")
+AUTO_CLASSES = {
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_CLS": AutoModelForSequenceClassification,
+    "TOKEN_CLS": AutoModelForTokenClassification,
+}
+NUM_LABELS = 3
+
+
+def tasks_of(arch: str) -> tuple[str, ...]:
+    """The tasks an architecture has a head for in these tests."""
+    return ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS") if arch in DECODERS else ("SEQ_CLS", "TOKEN_CLS")
+
+
+def build_model(arch: str, task: str, seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A tiny random model of ``arch`` with the head of ``task``, in training mode."""
+    config = CONFIGS[arch]()
+    config.num_labels = NUM_LABELS
+    config.classifier_dropout = 0.0
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AUTO_CLASSES[task].from_config(config, attn_implementation=attn_implementation)
+    return model.train()
+
+
+def padding_token(model) -> int:
+    return model.config.pad_token_id
+
+
+def make_batch(model, task: str, seq_len: int = 12, padding_side: str = "left", seed: int = 0) -> dict:
+    """Two rows: one full, one padded by 4 tokens (on ``padding_side``), with labels for ``task``."""
+    generator = torch.Generator().manual_seed(seed)
+    pad = padding_token(model)
+    input_ids = torch.randint(2, VOCAB, (2, seq_len), generator=generator)
+    attention_mask = torch.ones(2, seq_len, dtype=torch.long)
+    padded = slice(0, 4) if padding_side == "left" else slice(seq_len - 4, seq_len)
+    attention_mask[1, padded] = 0
+    input_ids[1, padded] = pad
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if task == "CAUSAL_LM":
+        batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+    elif task == "SEQ_CLS":
+        batch["labels"] = torch.randint(0, NUM_LABELS, (2,), generator=generator)
+    else:
+        labels = torch.randint(0, NUM_LABELS, (2, seq_len), generator=generator)
+        batch["labels"] = labels.masked_fill(attention_mask == 0, -100)
+    return batch
+
+
+def head_position(model, batch: dict, arch: str) -> torch.Tensor:
+    """Where a sequence-classification head reads: [CLS] for encoders, last non-pad token for decoders."""
+    if arch in ENCODERS:
+        return torch.zeros(2, dtype=torch.long)
+    non_pad = batch["input_ids"] != padding_token(model)
+    return (torch.arange(non_pad.shape[1]) * non_pad).argmax(dim=1)
+
+
+def fixed_selection(batch: dict, arch: str, task: str, model) -> torch.Tensor:
+    """A hand-made selection: about a third of each row's real tokens, the head token included,
+    the second row padded with -1."""
+    rows = []
+    for row, mask in enumerate(batch["attention_mask"]):
+        real = mask.nonzero().flatten().tolist()
+        chosen = set(real[1::3])
+        if task == "SEQ_CLS":
+            chosen.add(int(head_position(model, batch, arch)[row]))
+        rows.append(sorted(chosen))
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
