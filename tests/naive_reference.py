@@ -55,8 +55,11 @@ def naive_tokentune_loss(model: nn.Module, batch: dict, selected_positions: torc
     _current_selection["mask"] = in_s
     previous = model.config._attn_implementation
     model.config._attn_implementation = "naive_tokentune"
-    hooks = [m.register_forward_pre_hook(_detach_layer_input, with_kwargs=True)
-             for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    hooks = [
+        m.register_forward_pre_hook(_detach_layer_input, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, GradientCheckpointingLayer)
+    ]
     try:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if task == "SEQ_CLS":

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from naive_reference import naive_tokentune_loss
 from peft import LoraConfig, get_peft_model
-from tiny_models import CONFIGS, ENCODERS, build_model, fixed_selection, make_batch, tasks_of
 
 from tokentune_peft import TokenTuneConfig
+
+from naive_reference import naive_tokentune_loss
+from tiny_models import CONFIGS, ENCODERS, build_model, fixed_selection, make_batch, tasks_of
 
 CASES = [(arch, task) for arch in CONFIGS for task in tasks_of(arch)]
 CASE_IDS = [f"{arch}-{task.lower()}" for arch, task in CASES]
@@ -45,7 +46,7 @@ def assert_same_grads(engine_model, reference_model, rtol=1e-4, atol=1e-6):
 def test_gradient_matches_naive_definition(arch, task, lora):
     model = wrap(build_model(arch, task), task, lora)
     naive = copy.deepcopy(model).get_base_model()
-    batch = make_batch(model, task, padding_side="right" if arch in ENCODERS else "left")
+    batch = make_batch(model, task)
     selected = fixed_selection(batch, arch, task, model)
 
     output = model(**batch, selected_positions=selected)

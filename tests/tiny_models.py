@@ -22,18 +22,42 @@ from transformers import (
 
 VOCAB = 128
 PAD = 0
-DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=PAD, max_position_embeddings=128)
-ENCODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
-               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    pad_token_id=PAD,
+    max_position_embeddings=128,
+)
+ENCODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=VOCAB,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**DECODER),
     "mistral": lambda: MistralConfig(**DECODER, sliding_window=4),
     "qwen2": lambda: Qwen2Config(**DECODER, use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "qwen3": lambda: Qwen3Config(**DECODER, head_dim=16),
-    "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, pad_token_id=PAD,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt2": lambda: GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=128,
+        pad_token_id=PAD,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    ),
     "bert": lambda: BertConfig(**ENCODER, pad_token_id=PAD),
     "roberta": lambda: RobertaConfig(**ENCODER, pad_token_id=1, max_position_embeddings=130),
 }
@@ -68,8 +92,13 @@ def padding_token(model) -> int:
     return model.config.pad_token_id
 
 
-def make_batch(model, task: str, seq_len: int = 12, padding_side: str = "left", seed: int = 0) -> dict:
-    """Two rows: one full, one padded by 4 tokens (on ``padding_side``), with labels for ``task``."""
+def make_batch(model, task: str, seq_len: int = 12, padding_side: str | None = None, seed: int = 0) -> dict:
+    """Two rows: one full, one padded by 4 tokens (on ``padding_side``), with labels for ``task``.
+
+    Padding defaults to the left for decoders and to the right for encoders, whose poolers read index 0.
+    """
+    if padding_side is None:
+        padding_side = "right" if model.config.model_type in ENCODERS else "left"
     generator = torch.Generator().manual_seed(seed)
     pad = padding_token(model)
     input_ids = torch.randint(2, VOCAB, (2, seq_len), generator=generator)

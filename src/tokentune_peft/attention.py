@@ -18,8 +18,8 @@ which is what keeps gradient checkpointing's recomputation consistent with the f
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ class TokenTuneStep:
         self.values[module] = value.clone() if value._is_view() else value
         self.masks[module] = (mask, is_causal)
 
-    def attend(self, module: nn.Module, query, key, value, stock: Callable, kwargs: dict):
+    def attend(self, module: nn.Module, query, key, value, attend_all: Callable, kwargs: dict):
         """Pass 2: selected queries attend to all keys and values, the selected ones with gradient."""
         if module not in self.keys:
             raise RuntimeError(
@@ -107,7 +107,7 @@ class TokenTuneStep:
         mask, is_causal = self.masks[module]
         row_mask = self._row_mask(mask, is_causal, query.dtype)
         kwargs = {**kwargs, "is_causal": False}
-        return stock(module, query, all_keys, all_values, row_mask, **kwargs)
+        return attend_all(module, query, all_keys, all_values, row_mask, **kwargs)
 
     def _insert_selected(self, recorded: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         # recorded: [B, H, N, D]; selected: [B, H, k, D]. Indexing by (row, position) on the
@@ -147,6 +147,19 @@ class TokenTuneStep:
         return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _sdpa_over_all_keys(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Pass-2 attention on the sdpa base: torch's SDPA with grouped-query heads left unexpanded.
+
+    transformers' sdpa wrapper repeats the key/value heads whenever a mask is given, and autograd
+    would then keep the repeated copies; ``enable_gqa`` keeps only the originals.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    output = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
 def _tokentune_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, tokentune_step: TokenTuneStep | None = None, **kwargs):
         stock = _stock_attention(base, module)
@@ -157,7 +170,8 @@ def _tokentune_attention(base: str) -> Callable:
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
             tokentune_step.record(module, key, value, attention_mask, is_causal)
             return stock(module, query, key, value, attention_mask, **kwargs)
-        return tokentune_step.attend(module, query, key, value, stock, kwargs)
+        over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
+        return tokentune_step.attend(module, query, key, value, over_all_keys, kwargs)
 
     attention.__name__ = tokentune_implementation_name(base)
     return attention

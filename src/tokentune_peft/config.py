@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft import LoraConfig, PeftConfig
 from peft.utils import TaskType
@@ -52,23 +52,29 @@ class TokenTuneConfig(PeftConfig):
         (0.3, 8)
     """
 
-    selection_ratio: Optional[float] = field(
+    selection_ratio: float | None = field(
         default=None,
-        metadata={"help": "Share of each sequence's real tokens to back-propagate through, in (0, 1]. "
-                  f"Defaults to {DEFAULT_SELECTION_RATIO} unless `num_selected` is set."},
+        metadata={
+            "help": "Share of each sequence's real tokens to back-propagate through, in (0, 1]. "
+            f"Defaults to {DEFAULT_SELECTION_RATIO} unless `num_selected` is set."
+        },
     )
-    num_selected: Optional[int] = field(
+    num_selected: int | None = field(
         default=None, metadata={"help": "Fixed number k of tokens per sequence (instead of `selection_ratio`)."}
     )
-    peft_config: Optional[LoraConfig] = field(
+    peft_config: LoraConfig | None = field(
         default=None,
-        metadata={"help": "LoraConfig of the adapter trained with TokenTune (QLoRA on a 4-bit model). "
-                  "None trains all weights (full fine-tuning)."},
+        metadata={
+            "help": "LoraConfig of the adapter trained with TokenTune (QLoRA on a 4-bit model). "
+            "None trains all weights (full fine-tuning)."
+        },
     )
-    always_select: Union[str, list[int]] = field(
+    always_select: str | list[int] = field(
         default="auto",
-        metadata={"help": "Positions always selected: 'auto' (the token the task head reads), 'first', 'last', "
-                  "'none', or a list of sequence indices."},
+        metadata={
+            "help": "Positions always selected: 'auto' (the token the task head reads), 'first', 'last', "
+            "'none', or a list of sequence indices."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the generator that samples the selected positions."})
 
@@ -128,13 +134,13 @@ class TokenTuneConfig(PeftConfig):
     # when it has one. With LoRA the heads belong to the adapter; without it every weight trains anyway,
     # so the attribute is absent (the property raises AttributeError) and peft leaves the heads alone.
     @property
-    def modules_to_save(self) -> Optional[list[str]]:
+    def modules_to_save(self) -> list[str] | None:
         if self.peft_config is None:
             raise AttributeError("TokenTune without an adapter trains every module: no `modules_to_save`.")
         return self.peft_config.modules_to_save
 
     @modules_to_save.setter
-    def modules_to_save(self, value: Optional[list[str]]) -> None:
+    def modules_to_save(self, value: list[str] | None) -> None:
         self.peft_config.modules_to_save = value
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +151,7 @@ class TokenTuneConfig(PeftConfig):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TokenTuneConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TokenTuneConfig:
         """Build a config from :meth:`to_dict` output; unknown keys are an error, missing ones take defaults.
 
         Example:
@@ -174,7 +180,7 @@ class TokenTuneConfig(PeftConfig):
             json.dump(self.to_dict(), handle, indent=2, sort_keys=True, default=_json_value)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         """Load ``tokentune_config.json`` from a local folder or a Hub repository.
 
         Example:

@@ -79,6 +79,11 @@ class TokenTuneEngine:
             )
         self._check_labels(labels, input_ids)
         head = self._head_positions(model, input_ids, attention_mask)
+        if head is not None and not attention_mask.gather(1, head[:, None]).all():
+            raise ValueError(
+                f"The classification head reads positions {head.tolist()}, and some are padding "
+                "(attention_mask == 0); pad encoder inputs on the right."
+            )
         if selected_positions is None:
             selected_positions = self.sample(model, input_ids, attention_mask)
         else:
@@ -99,8 +104,12 @@ class TokenTuneEngine:
         with torch.no_grad():
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
             model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                use_cache=False, tokentune_step=step, **base_inputs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=False,
+                tokentune_step=step,
+                **base_inputs,
             )
         if step.num_recorded == 0:
             raise RuntimeError(
@@ -202,6 +211,9 @@ class TokenTuneEngine:
         if not (targets != IGNORE_INDEX).any():
             return logits.sum() * 0.0  # no supervised token selected: zero loss, not NaN
         return model.loss_function(
-            logits=logits, labels=None, vocab_size=logits.shape[-1], shift_labels=targets,
+            logits=logits,
+            labels=None,
+            vocab_size=logits.shape[-1],
+            shift_labels=targets,
             num_items_in_batch=num_items_in_batch,
         )

@@ -33,7 +33,7 @@ class LoraConfigWithTokenTune(LoraConfig):
     """The adapter's LoraConfig; saving it also writes the TokenTune settings beside it."""
 
     @classmethod
-    def wrap(cls, tokentune_config: TokenTuneConfig) -> "LoraConfigWithTokenTune":
+    def wrap(cls, tokentune_config: TokenTuneConfig) -> LoraConfigWithTokenTune:
         lora = tokentune_config.peft_config
         wrapped = cls(**{f.name: getattr(lora, f.name) for f in fields(lora) if f.init})
         wrapped.tokentune_config = tokentune_config
@@ -49,7 +49,7 @@ class FullModelTokenTuneConfig(TokenTuneConfig):
     """TokenTune without an adapter; saving turns peft's weight file into a transformers checkpoint."""
 
     @classmethod
-    def wrap(cls, tokentune_config: TokenTuneConfig, model_config: PretrainedConfig) -> "FullModelTokenTuneConfig":
+    def wrap(cls, tokentune_config: TokenTuneConfig, model_config: PretrainedConfig) -> FullModelTokenTuneConfig:
         wrapped = cls(**{f.name: getattr(tokentune_config, f.name) for f in fields(tokentune_config) if f.init})
         wrapped.model_config = model_config
         return wrapped

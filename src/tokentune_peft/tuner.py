@@ -22,7 +22,6 @@ from .config import TokenTuneConfig
 from .engine import TokenTuneEngine
 from .saving import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
 
-
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
