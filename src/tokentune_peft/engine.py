@@ -31,6 +31,25 @@ from .selection import PAD_POSITION, last_real_positions, sample_positions, vali
 IGNORE_INDEX = -100
 
 
+def selected_targets(task_type: str, labels: torch.Tensor, selected_positions: torch.Tensor) -> torch.Tensor:
+    """The labels the loss uses at each selected slot; -100 where none (and on padded slots).
+
+    CAUSAL_LM: the next token's label, ``labels[p + 1]``; TOKEN_CLS: ``labels[p]``; SEQ_CLS: the
+    sequence labels, unchanged.
+
+    Example:
+        >>> labels = torch.tensor([[5, 6, 7, -100]])
+        >>> selected_targets("CAUSAL_LM", labels, torch.tensor([[0, 2, -1]])).tolist()
+        [[6, -100, -100]]
+    """
+    if task_type == TaskType.SEQ_CLS:
+        return labels
+    if task_type == TaskType.CAUSAL_LM:
+        labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    targets = labels.gather(1, selected_positions.clamp(min=0))
+    return targets.masked_fill(selected_positions == PAD_POSITION, IGNORE_INDEX)
+
+
 @dataclass
 class TokenTuneEngine:
     """Runs TokenTune steps for one model.
@@ -135,11 +154,10 @@ class TokenTuneEngine:
             num_items = kwargs.pop("num_items_in_batch", None)
             output = model(**inputs, **kwargs)
             if labels is not None:
-                next_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-                targets = next_labels.gather(1, slots).masked_fill(~valid, IGNORE_INDEX)
+                targets = selected_targets(self.task_type, labels, selected_positions)
                 output["loss"] = self._causal_lm_loss(model, output.logits, targets, num_items)
         elif self.task_type == TaskType.TOKEN_CLS and labels is not None:
-            targets = labels.gather(1, slots).masked_fill(~valid, IGNORE_INDEX)
+            targets = selected_targets(self.task_type, labels, selected_positions)
             output = model(**inputs, labels=targets, **kwargs)
             if not (targets != IGNORE_INDEX).any():
                 output["loss"] = output.logits.sum() * 0.0
@@ -148,11 +166,20 @@ class TokenTuneEngine:
         output["selected_positions"] = selected_positions
         return output
 
-    def sample(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Sample positions for a batch from the budget, including the always-selected ones.
 
-        Example: see :func:`tokentune_peft.selection.sample_positions`.
+        ``generator`` defaults to the engine's own. Example: see
+        :func:`tokentune_peft.selection.sample_positions`.
         """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         always = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         choice = self.always_select
@@ -166,7 +193,8 @@ class TokenTuneEngine:
             index = torch.tensor([i for i in choice if i < input_ids.shape[1]], dtype=torch.long)
             always[:, index.to(always.device)] = True
         always &= attention_mask.bool()
-        return sample_positions(attention_mask, always, self.generator, self.selection_ratio, self.num_selected)
+        generator = self.generator if generator is None else generator
+        return sample_positions(attention_mask, always, generator, self.selection_ratio, self.num_selected)
 
     def _head_positions(self, model, input_ids, attention_mask) -> torch.Tensor | None:
         """Where the sequence-classification head reads, as transformers' heads compute it."""

@@ -1,0 +1,85 @@
+"""Training recipes: a YAML file of `RecipeArguments` and `TrainingArguments` fields, with overrides.
+
+A recipe names the model, the data, the task, the TokenTune and LoRA settings and the Trainer's
+arguments, all as flat keys. Any key can be overridden on the command line:
+
+    tokentune-train --config configs/minilm_rotten_tomatoes_tokentune.yaml --selection_ratio 0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+#: Models a recipe can name; anything else is a local pretrained folder.
+OFFLINE_MODELS = ("minilm", "smollm2")
+#: Tiny random models for tests and CI (no download, no optional package).
+TINY_MODELS = ("tiny-bert", "tiny-llama")
+DATASETS = ("rotten_tomatoes", "chatterbot")
+
+
+@dataclass
+class RecipeArguments:
+    """What to train and how TokenTune and LoRA are set; the Trainer's own arguments sit beside it."""
+
+    model_name: str = field(
+        default="minilm",
+        metadata={
+            "help": f"One of {OFFLINE_MODELS} (offline pretrained), {TINY_MODELS} (random, for tests) "
+            "or a local pretrained folder."
+        },
+    )
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": f"One of {DATASETS}."})
+    task_type: str = field(default="SEQ_CLS", metadata={"help": "SEQ_CLS, TOKEN_CLS or CAUSAL_LM."})
+    max_length: int = field(default=64, metadata={"help": "Tokens per example after truncation."})
+    train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the fixed train/validation/test split."})
+    tokentune: bool = field(default=True, metadata={"help": "Train with TokenTune (False: the same recipe without)."})
+    selection_ratio: float | None = field(default=0.3, metadata={"help": "TokenTune: share of tokens selected."})
+    num_selected: int | None = field(default=None, metadata={"help": "TokenTune: fixed k instead of a ratio."})
+    always_select: str = field(default="auto", metadata={"help": "TokenTune: 'auto', 'first', 'last' or 'none'."})
+    lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (QLoRA)."})
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"`dataset` must be one of {DATASETS}; got {self.dataset!r}.")
+        if self.load_in_4bit and not self.lora:
+            raise ValueError("`load_in_4bit` needs `lora: true` (a 4-bit base cannot be trained directly).")
+        if self.num_selected is not None:
+            self.selection_ratio = None
+
+
+def recipe_parser() -> HfArgumentParser:
+    return HfArgumentParser((RecipeArguments, TrainingArguments))
+
+
+def parse_recipe(config_path: str | None, overrides: list[str] | None = None):
+    """Read a recipe file, apply command-line style overrides, return (RecipeArguments, TrainingArguments).
+
+    Example:
+        >>> recipe, training = parse_recipe(None, ["--model_name", "tiny-bert", "--output_dir", "/tmp/x",
+        ...                                        "--max_steps", "2"])
+        >>> recipe.model_name, training.max_steps
+        ('tiny-bert', 2)
+    """
+    parser = recipe_parser()
+    if config_path is not None:
+        with open(config_path) as handle:
+            values = yaml.safe_load(handle) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown keys {unknown} in {config_path}; see `tokentune-train --help` for the fields.")
+        parser.set_defaults(**values)
+    recipe, training, extra = parser.parse_args_into_dataclasses(args=overrides or [], return_remaining_strings=True)
+    if extra:
+        raise ValueError(f"Unknown command-line arguments: {extra}.")
+    return recipe, training

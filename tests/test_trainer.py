@@ -1,0 +1,228 @@
+"""TokenTuneTrainer: reproducible sampling, exact resumption, loss normalisation, logging, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from tokentune_peft import TokenTuneConfig
+from tokentune_peft.trainer import TokenTuneTrainer
+
+from tiny_models import build_model
+
+
+def causal_lm_examples(count: int = 16, seq_len: int = 12, seed: int = 0) -> list[dict]:
+    """Rows of different lengths (right padding) with labels on their second half only."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for index in range(count):
+        length = 6 + index % 7
+        input_ids = torch.zeros(seq_len, dtype=torch.long)
+        input_ids[:length] = torch.randint(2, 128, (length,), generator=generator)
+        attention_mask = (torch.arange(seq_len) < length).long()
+        labels = input_ids.masked_fill((attention_mask == 0) | (torch.arange(seq_len) < length // 2), -100)
+        examples.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return examples
+
+
+def tokentune_model(seed: int = 0, lora: bool = False):
+    adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
+    torch.manual_seed(seed)
+    return get_peft_model(
+        build_model("llama", "CAUSAL_LM", seed=seed),
+        TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=0.3, peft_config=adapter),
+    )
+
+
+def arguments(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=3,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return TrainingArguments(**(settings | overrides))
+
+
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_seed_gives_the_same_losses(tmp_path):
+    histories = []
+    for run in range(2):
+        trainer = TokenTuneTrainer(
+            model=tokentune_model(), args=arguments(tmp_path / str(run)), train_dataset=causal_lm_examples()
+        )
+        trainer.train()
+        histories.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert len(histories[0]) == 4
+    assert histories[0] == histories[1]
+    other_seed = TokenTuneTrainer(
+        model=tokentune_model(), args=arguments(tmp_path / "2", seed=4), train_dataset=causal_lm_examples()
+    )
+    other_seed.train()
+    assert [e["loss"] for e in other_seed.state.log_history if "loss" in e] != histories[0]
+
+
+class StopAfter(TrainerCallback):
+    """Interrupts training after a given step, as a crash right after a checkpoint would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path, lora):
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    uninterrupted = TokenTuneTrainer(
+        model=tokentune_model(lora=lora), args=arguments(tmp_path / "a", **settings), train_dataset=causal_lm_examples()
+    )
+    uninterrupted.train()
+
+    interrupted = TokenTuneTrainer(
+        model=tokentune_model(lora=lora),
+        args=arguments(tmp_path / "b", **settings),
+        train_dataset=causal_lm_examples(),
+        callbacks=[StopAfter(3)],
+    )
+    interrupted.train()
+    assert interrupted.state.global_step == 3
+    # All weights come from the checkpoint; with LoRA the frozen base must be the same one.
+    resumed = TokenTuneTrainer(
+        model=tokentune_model(seed=0 if lora else 1, lora=lora),
+        args=arguments(tmp_path / "b", **settings),
+        train_dataset=causal_lm_examples(),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+
+    expected = trained_weights(uninterrupted.model)
+    for name, value in trained_weights(resumed.model).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    examples = causal_lm_examples(count=4)
+    generator = torch.Generator().manual_seed(0)
+    for example in examples:  # the same selections in both runs: the data set brings them
+        real = int(example["attention_mask"].sum())
+        example["selected_positions"] = torch.randperm(real, generator=generator)[:3].sort().values
+    one_batch = TokenTuneTrainer(
+        model=tokentune_model(),
+        train_dataset=examples,
+        args=arguments(
+            tmp_path / "a", max_steps=1, per_device_train_batch_size=4, optim="sgd", lr_scheduler_type="constant"
+        ),
+    )
+    one_batch.train()
+    accumulated = TokenTuneTrainer(
+        model=tokentune_model(),
+        train_dataset=examples,
+        args=arguments(
+            tmp_path / "b",
+            max_steps=1,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            optim="sgd",
+            lr_scheduler_type="constant",
+        ),
+    )
+    accumulated.train()
+
+    loss = [e["loss"] for e in one_batch.state.log_history if "loss" in e]
+    accumulated_loss = [e["loss"] for e in accumulated.state.log_history if "loss" in e]
+    assert loss == pytest.approx(accumulated_loss, rel=1e-5)
+    expected = trained_weights(one_batch.model)
+    changed = False
+    for name, value in trained_weights(accumulated.model).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        changed |= not torch.equal(value, trained_weights(tokentune_model())[name])
+    assert changed
+
+
+def test_num_items_counts_selected_supervised_tokens(tmp_path):
+    trainer = TokenTuneTrainer(model=tokentune_model(), args=arguments(tmp_path), train_dataset=causal_lm_examples())
+    batch = {
+        key: torch.stack([e[key] for e in causal_lm_examples(count=2)])
+        for key in ("input_ids", "attention_mask", "labels")
+    }
+    batch["selected_positions"] = torch.tensor([[0, 4, 5], [1, 2, 6]])
+    _, num_items = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    next_labels = torch.cat([batch["labels"][:, 1:], torch.full((2, 1), -100)], dim=1)
+    expected = sum(int(next_labels[row, p] != -100) for row in range(2) for p in batch["selected_positions"][row])
+    assert int(num_items) == expected
+
+
+def test_logs_selection_ratio_and_activation_memory(tmp_path):
+    trainer = TokenTuneTrainer(
+        model=tokentune_model(), args=arguments(tmp_path, max_steps=2), train_dataset=causal_lm_examples()
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(0.3 <= entry["selection_ratio"] <= 0.45 for entry in logged)  # ceil(0.3 n) / n for n in 6..12
+    assert 0 < logged[0]["activation_mib"] < logged[0]["full_fine_tuning_activation_mib"]
+
+
+def test_full_fine_tuning_estimate_matches_a_whole_batch_measurement(tmp_path):
+    from tokentune_peft import saved_activation_bytes
+
+    model = tokentune_model()
+    trainer = TokenTuneTrainer(model=model, args=arguments(tmp_path), train_dataset=causal_lm_examples())
+    batch = {
+        key: torch.stack([e[key] for e in causal_lm_examples(count=4)])
+        for key in ("input_ids", "attention_mask", "labels")
+    }
+    stock = model.base_model.model
+    measured = saved_activation_bytes(stock, lambda: stock(**batch))
+    estimate = trainer._full_fine_tuning_bytes(model, batch)
+    assert estimate == pytest.approx(measured, rel=0.02)  # the documented accuracy of the estimate
+
+
+def test_a_batch_without_selected_labels_gives_zero_loss(tmp_path):
+    examples = causal_lm_examples(count=4)
+    for example in examples:
+        example["labels"][:] = -100
+    trainer = TokenTuneTrainer(model=tokentune_model(), args=arguments(tmp_path, max_steps=1), train_dataset=examples)
+    trainer.train()
+    assert [e["loss"] for e in trainer.state.log_history if "loss" in e] == [0.0]
+
+
+def test_a_model_without_tokentune_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="get_peft_model"):
+        TokenTuneTrainer(model=build_model("llama", "CAUSAL_LM"), args=arguments(tmp_path))
+    plain_lora = get_peft_model(build_model("llama", "CAUSAL_LM"), LoraConfig(r=4))
+    with pytest.raises(TypeError, match="TokenTuneConfig"):
+        TokenTuneTrainer(model=plain_lora, args=arguments(tmp_path))
+
+
+def test_tokentune_at_ratio_one_trains_like_the_plain_trainer(tmp_path):
+    """Convergence: at ratio 1.0 the loss curve is the plain Trainer's on the stock model."""
+    examples = [e for e in causal_lm_examples() if int(e["attention_mask"].sum()) == 12]  # no padding
+    model = get_peft_model(
+        build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=1.0)
+    )
+    tokentune = TokenTuneTrainer(
+        model=model, args=arguments(tmp_path / "a", per_device_train_batch_size=2), train_dataset=examples
+    )
+    tokentune.train()
+    plain = Trainer(
+        model=build_model("llama", "CAUSAL_LM"),
+        args=arguments(tmp_path / "b", per_device_train_batch_size=2),
+        train_dataset=examples,
+    )
+    plain.train()
+    curve = [e["loss"] for e in tokentune.state.log_history if "loss" in e]
+    assert curve == pytest.approx([e["loss"] for e in plain.state.log_history if "loss" in e], rel=1e-4)
