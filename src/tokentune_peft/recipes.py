@@ -36,7 +36,7 @@ class RecipeArguments:
     max_length: int = field(default=64, metadata={"help": "Tokens per example after truncation."})
     train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the fixed train/validation/test split."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the fixed train/validation/test split."})
     tokentune: bool = field(default=True, metadata={"help": "Train with TokenTune (False: the same recipe without)."})
     selection_ratio: float | None = field(default=0.3, metadata={"help": "TokenTune: share of tokens selected."})
     num_selected: int | None = field(default=None, metadata={"help": "TokenTune: fixed k instead of a ratio."})
