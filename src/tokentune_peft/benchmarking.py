@@ -283,7 +283,11 @@ class BenchmarkArguments:
     warmup: int = field(default=1, metadata={"help": "Untimed steps first."})
     sweep_steps: int = field(default=2, metadata={"help": "Timed steps per sweep point."})
     output_dir: str = field(default="outputs/benchmark", metadata={"help": "Where results and plots go."})
-    quick: bool = field(default=False, metadata={"help": "A seconds-long run on a tiny config (CI)."})
+    quick: bool = field(default=False, metadata={"help": "A seconds-long run on a tiny config, in one process (CI)."})
+    separate_processes: bool = field(
+        default=True,
+        metadata={"help": "Measure each setting in a process of its own (otherwise peak memory is the whole run's)."},
+    )
     worker: bool = field(default=False, metadata={"help": "Internal: measure one setting, print JSON."})
 
     def __post_init__(self):
@@ -291,6 +295,7 @@ class BenchmarkArguments:
             self.model, self.batch_size, self.seq_len, self.steps, self.sweep_steps = "llama-tiny", 2, 64, 2, 1
             self.settings = ["full", "lora", "tokentune-0.3", "tokentune-0.3+lora", "tokentune-0.3+gc"]
             self.sweep_seq_lens = [32, 64]
+            self.separate_processes = False
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {tuple(DTYPES)}; got {self.dtype!r}.")
 
@@ -302,6 +307,10 @@ def machine_description(device: str) -> str:
 
 
 def run_worker(args: BenchmarkArguments, setting: str, seq_len: int, steps: int) -> dict:
+    if not args.separate_processes:
+        return asdict(
+            measure(args.model, setting, args.batch_size, seq_len, args.dtype, args.device, steps, args.warmup)
+        )
     command = [
         sys.executable,
         "-m",
@@ -426,7 +435,7 @@ def plot(rows: list[dict], sweep: list[dict], output_dir: str, caption: str) -> 
     return paths
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     """Entry point of ``tokentune-benchmark``."""
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     if args.worker:
@@ -441,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.warmup,
         )
         print(json.dumps(asdict(result)))
-        return asdict(result)
+        return
     settings = args.settings if "full" in args.settings else ["full", *args.settings]
     rows = []
     for setting in settings:
@@ -477,7 +486,6 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     print(report)
-    return results
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ class RecipeArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (QLoRA)."})
+    sample_answers: int = field(
+        default=0, metadata={"help": "Chat data: answer the first N held-out prompts before and after training."}
+    )
 
     def __post_init__(self):
         if self.dataset not in DATASETS:

@@ -30,12 +30,13 @@ from transformers import (
     DataCollatorWithPadding,
     LlamaConfig,
     Trainer,
+    set_seed,
 )
 
 from . import offline
 from .config import TokenTuneConfig
 from .memory import saved_activation_bytes
-from .recipes import RecipeArguments, parse_recipe
+from .recipes import RecipeArguments, parse_recipe, recipe_parser
 from .trainer import TokenTuneTrainer
 
 AUTO_CLASSES = {
@@ -177,6 +178,7 @@ def activation_memory(trainer: Trainer, model, batch: dict) -> dict[str, float]:
 
 def run(recipe: RecipeArguments, training) -> dict[str, Any]:
     """Run one recipe; returns what it writes to ``results.json``."""
+    set_seed(training.seed)  # the new head's initialisation too
     model, tokenizer = load_model_and_tokenizer(recipe)
     datasets = load_datasets(recipe, tokenizer)
     held_out = datasets["test"]
@@ -196,9 +198,12 @@ def run(recipe: RecipeArguments, training) -> dict[str, Any]:
         data_collator=collator,
         compute_metrics=accuracy if classification else None,
     )
+    prompts = held_out_prompts(recipe)
+    answers_before = generate_answers(model, tokenizer, prompts)
     before = trainer.evaluate(held_out, metric_key_prefix="test")
     train_output = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     after = trainer.evaluate(held_out, metric_key_prefix="test")
+    answers_after = generate_answers(model, tokenizer, prompts)
     memory = activation_memory(trainer, model, next(iter(trainer.get_train_dataloader())))
 
     trainer.save_model(training.output_dir)
@@ -209,6 +214,10 @@ def run(recipe: RecipeArguments, training) -> dict[str, Any]:
         "train": train_output.metrics,
         "seconds_per_step": train_output.metrics["train_runtime"] / max(trainer.state.global_step, 1),
         "activation_memory": memory,
+        "sample_answers": [
+            {"prompt": prompt, "before": before_answer, "after": after_answer}
+            for prompt, before_answer, after_answer in zip(prompts, answers_before, answers_after, strict=True)
+        ],
     }
     if trainer.is_world_process_zero():
         with open(os.path.join(training.output_dir, "results.json"), "w") as handle:
@@ -219,6 +228,31 @@ def run(recipe: RecipeArguments, training) -> dict[str, Any]:
             f"{recipe.model_name} on {recipe.dataset}",
         )
     return results
+
+
+def held_out_prompts(recipe: RecipeArguments) -> list[str]:
+    """The first ``recipe.sample_answers`` held-out prompts of a chat data set."""
+    if not recipe.sample_answers or recipe.dataset != "chatterbot":
+        return []
+    return offline.load_chatterbot_pairs(seed=recipe.split_seed)["test"]["prompt"][: recipe.sample_answers]
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    """Greedy answers of a chat model to each prompt, through its chat template."""
+    answers = []
+    was_training = model.training
+    model.eval()
+    for prompt in prompts:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(model.device)
+        with torch.no_grad():
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -232,23 +266,21 @@ def summary(results: dict[str, Any]) -> str:
         f"{1 - memory['ratio_to_full_fine_tuning']:.1%} saved)",
         f"training: {results['train']['train_runtime']:.1f} s, {results['seconds_per_step']:.2f} s/step",
     ]
+    for sample in results["sample_answers"]:
+        lines.append(f"Q: {sample['prompt']}\n  before: {sample['before']}\n  after:  {sample['after']}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``tokentune-train``."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``tokentune-train``: run the recipe, print the summary."""
     arguments = sys.argv[1:] if argv is None else argv
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config")
     known, overrides = config_parser.parse_known_args(arguments)
     if "-h" in overrides or "--help" in overrides:
-        from .recipes import recipe_parser
-
         recipe_parser().parse_args(["--help"])
     recipe, training = parse_recipe(known.config, overrides)
-    results = run(recipe, training)
-    print(summary(results))
-    return results
+    print(summary(run(recipe, training)))
 
 
 if __name__ == "__main__":
