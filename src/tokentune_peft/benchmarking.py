@@ -137,32 +137,30 @@ def model_task(model_name: str) -> str:
     return PRETRAINED_TASKS.get(model_name, "CAUSAL_LM")
 
 
-def _load_base(model_name: str, dtype: torch.dtype, quantization, staging_dir: str):
-    task = model_task(model_name)
-    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+def stage_model(model_name: str, staging_dir: str) -> str:
+    """The folder a setting loads its model from. A named config's random weights (seed 0) are saved
+    into ``staging_dir`` first, so every setting, quantized or not, loads the same weights from disk
+    and no worker's peak memory includes building them."""
     if model_name in MODEL_CONFIGS:
         torch.manual_seed(0)
-        model = auto.from_config(LlamaConfig(**MODEL_CONFIGS[model_name]), attn_implementation="sdpa", dtype=dtype)
-        if quantization is None:
-            return model
-        # bitsandbytes quantizes while loading: stage the random weights, then load them in 4 bits.
-        model.save_pretrained(staging_dir)
-        folder = staging_dir
-    elif model_name in PRETRAINED_TASKS:
+        config = LlamaConfig(**MODEL_CONFIGS[model_name])
+        AutoModelForCausalLM.from_config(config).save_pretrained(staging_dir)
+        return staging_dir
+    if model_name in PRETRAINED_TASKS:
         from . import offline
 
-        folder = offline.minilm_path() if model_name == "minilm" else offline.smollm2_path()
-    else:
-        folder = model_name
-    return auto.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, quantization_config=quantization)
+        return offline.minilm_path() if model_name == "minilm" else offline.smollm2_path()
+    return model_name
 
 
-def build_model(model_name: str, setting: Setting, dtype: torch.dtype, device: str, staging_dir: str):
-    """The model of ``model_name`` set up for ``setting``, in training mode."""
+def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dtype, device: str):
+    """The model saved in ``folder`` set up for ``setting``, in training mode."""
     quantization = None
     if setting.quantized:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = _load_base(model_name, dtype, quantization, staging_dir)
+    task = model_task(model_name)
+    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, quantization_config=quantization)
     if setting.quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
@@ -170,12 +168,10 @@ def build_model(model_name: str, setting: Setting, dtype: torch.dtype, device: s
     if setting.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    task = model_task(model_name)
     adapter = LoraConfig(r=8, target_modules="all-linear", task_type=task) if setting.lora else None
     if setting.ratio is not None:
-        model = get_peft_model(
-            model, TokenTuneConfig(selection_ratio=setting.ratio, task_type=task, peft_config=adapter)
-        )
+        config = TokenTuneConfig(selection_ratio=setting.ratio, task_type=task, peft_config=adapter)
+        model = get_peft_model(model, config)
     elif adapter is not None:
         model = get_peft_model(model, adapter)
     return model.train()
@@ -194,21 +190,12 @@ def keys_and_values_bytes(model_config, batch_size: int, seq_len: int, dtype: to
     return 2 * model_config.num_hidden_layers * batch_size * seq_len * heads * head_dim * element
 
 
-def measure(
-    model_name: str,
-    setting_name: str,
-    batch_size: int,
-    seq_len: int,
-    dtype: str = "float32",
-    device: str = "cpu",
-    steps: int = 5,
-    warmup: int = 1,
-) -> Measurement:
+def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: int) -> Measurement:
     """Measure one setting: bytes saved for backward, process peak memory, median training-step time."""
     setting = Setting.parse(setting_name)
-    torch_dtype = DTYPES[dtype]
-    with tempfile.TemporaryDirectory() as staging_dir:
-        model = build_model(model_name, setting, torch_dtype, device, staging_dir)
+    torch_dtype = DTYPES[args.dtype]
+    model = build_model(args.model, args.model_folder, setting, torch_dtype, args.device)
+    model_name, batch_size, warmup = args.model, args.batch_size, args.warmup
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
@@ -270,6 +257,7 @@ class BenchmarkArguments:
     )
     batch_size: int = field(default=2, metadata={"help": "Sequences per batch."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence for the settings table."})
+    sweep: bool = field(default=True, metadata={"help": "Also run the sequence-length sweep."})
     sweep_seq_lens: list[int] = field(
         default_factory=lambda: [256, 512, 1024, 2048, 4096],
         metadata={"help": "Sequence lengths of the sweep (empty: no sweep)."},
@@ -289,6 +277,7 @@ class BenchmarkArguments:
         metadata={"help": "Measure each setting in a process of its own (otherwise peak memory is the whole run's)."},
     )
     worker: bool = field(default=False, metadata={"help": "Internal: measure one setting, print JSON."})
+    model_folder: str | None = field(default=None, metadata={"help": "Internal: where workers load the model."})
 
     def __post_init__(self):
         if self.quick:
@@ -307,32 +296,23 @@ def machine_description(device: str) -> str:
 
 
 def run_worker(args: BenchmarkArguments, setting: str, seq_len: int, steps: int) -> dict:
+    """Measure one setting, in a process of its own unless ``args.separate_processes`` is off."""
     if not args.separate_processes:
-        return asdict(
-            measure(args.model, setting, args.batch_size, seq_len, args.dtype, args.device, steps, args.warmup)
-        )
-    command = [
-        sys.executable,
-        "-m",
-        "tokentune_peft.benchmarking",
-        "--worker",
-        "--model",
-        args.model,
-        "--settings",
-        setting,
-        "--seq_len",
-        str(seq_len),
-        "--batch_size",
-        str(args.batch_size),
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(args.warmup),
-    ]
+        return asdict(measure(args, setting, seq_len, steps))
+    flags = {
+        "model": args.model,
+        "model_folder": args.model_folder,
+        "settings": setting,
+        "seq_len": seq_len,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": args.device,
+        "steps": steps,
+        "warmup": args.warmup,
+    }
+    command = [sys.executable, "-m", "tokentune_peft.benchmarking", "--worker"]
+    for name, value in flags.items():
+        command += [f"--{name}", str(value)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"setting": setting, "seq_len": seq_len, "error": result.stderr.strip().splitlines()[-1]}
@@ -439,25 +419,22 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``tokentune-benchmark``."""
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     if args.worker:
-        result = measure(
-            args.model,
-            args.settings[0],
-            args.batch_size,
-            args.seq_len,
-            args.dtype,
-            args.device,
-            args.steps,
-            args.warmup,
-        )
-        print(json.dumps(asdict(result)))
+        print(json.dumps(asdict(measure(args, args.settings[0], args.seq_len, args.steps))))
         return
+    with tempfile.TemporaryDirectory() as staging_dir:
+        args.model_folder = stage_model(args.model, staging_dir)
+        run_all(args)
+
+
+def run_all(args: BenchmarkArguments) -> None:
+    """Measure every setting and the sweep; write the table, the JSON and the plots."""
     settings = args.settings if "full" in args.settings else ["full", *args.settings]
     rows = []
     for setting in settings:
         rows.append(run_worker(args, setting, args.seq_len, args.steps))
         print(f"{setting}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'step_seconds_all'})}", flush=True)
     sweep = []
-    for seq_len in args.sweep_seq_lens:
+    for seq_len in args.sweep_seq_lens if args.sweep else []:
         for setting in args.sweep_settings:
             sweep.append(run_worker(args, setting, seq_len, args.sweep_steps))
             print(
