@@ -1,10 +1,10 @@
 """Benchmark TokenTune against full fine-tuning, LoRA, QLoRA and gradient checkpointing.
 
 Each setting runs in a process of its own, so that peak-memory figures do not mix. For one batch it
-reports the bytes saved for backward, the process's peak memory (max RSS on CPU,
-``torch.cuda.max_memory_allocated`` on GPU) and the median training-step time (optimizer step
-included), with ratios to full fine-tuning from the same run, and writes a Markdown table, JSON and
-PNG plots.
+reports the bytes saved for backward, the peak memory of the training steps (peak resident set on
+CPU, ``torch.cuda.max_memory_allocated`` on GPU, both counted from after the model is loaded) and
+the median training-step time (optimizer step included), with ratios to full fine-tuning from the
+same run, and writes a Markdown table, JSON and PNG plots.
 
     tokentune-benchmark --model llama-1024 --batch_size 2 --seq_len 512 --output_dir docs/benchmarks
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -209,8 +208,7 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
     selected = outputs.pop("out").get("selected_positions")
     fraction = 1.0 if selected is None else float((selected >= 0).sum()) / input_ids.numel()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     times = []
     for step in range(warmup + steps):
         _synchronize(device)
@@ -221,10 +219,7 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
         _synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_memory(device)
     return Measurement(
         setting=setting_name,
         seq_len=seq_len,
@@ -235,6 +230,30 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
         step_seconds=statistics.median(times),
         step_seconds_all=times,
     )
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting peak memory from now: the training steps, not the model's loading.
+
+    On CPU, writing 5 to /proc/self/clear_refs resets the process's peak resident set (VmHWM); loading
+    a 4-bit model reads its full-precision weights first, which would otherwise set the peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since :func:`reset_peak_memory`: allocated on the GPU, resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory needs Linux.")
 
 
 def _synchronize(device: torch.device) -> None:

@@ -51,7 +51,7 @@ class QualityArguments:
     )
     runs_dir: str = field(default="outputs/quality", metadata={"help": "Where each run's own outputs go."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds per setting."})
-    classification_train_samples: int = field(default=3000, metadata={"help": "Training reviews per run."})
+    classification_train_samples: int = field(default=2000, metadata={"help": "Training reviews per run."})
     sft_train_samples: int = field(default=512, metadata={"help": "Training prompt/answer pairs per run."})
     sample_answers: int = field(default=3, metadata={"help": "Held-out prompts answered before and after SFT."})
     quick: bool = field(default=False, metadata={"help": "Tiny random models and slices, for CI."})
