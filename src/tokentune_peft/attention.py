@@ -139,8 +139,10 @@ class TokenTuneStep:
         else:
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"TokenTune supports tensor attention masks, got {type(mask).__name__}.")
-            rows = torch.arange(mask.shape[0], device=device).expand(batch)[:, None] if mask.shape[0] > 1 else 0
-            picked = mask[rows, :, self.positions].transpose(1, 2)  # [B, heads, k, N]
+            # Both indices must be tensors: an integer row index would be basic indexing and put the
+            # selected positions before the heads dimension.
+            rows = torch.arange(batch, device=device) if mask.shape[0] > 1 else torch.zeros(batch, dtype=torch.long)
+            picked = mask[rows.to(device)[:, None], :, self.positions].transpose(1, 2)  # [B, heads, k, N]
             allowed = picked if mask.dtype == torch.bool else picked == 0
         allowed = allowed | ~self.valid_slots[:, None, :, None]  # padded slots attend anywhere: no NaN
         additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
