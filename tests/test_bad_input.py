@@ -163,3 +163,36 @@ def test_no_supervised_token_selected_gives_zero_loss_and_gradient():
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_k_larger_than_a_sequence_is_clamped_per_row():
+    model = get_peft_model(build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", num_selected=100))
+    batch = make_batch(model, "CAUSAL_LM")  # rows of 12 and 8 real tokens
+    selected = model(**batch).selected_positions
+    assert (selected >= 0).sum(dim=1).tolist() == [12, 8]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_row_of_padding_only_trains_the_other_rows(side):
+    model = get_peft_model(build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM"))
+    batch = make_batch(model, "CAUSAL_LM", padding_side=side)
+    batch["attention_mask"][1] = 0
+    batch["input_ids"][1] = 0
+    batch["labels"][1] = -100
+    output = model(**batch)
+    output.loss.backward()
+    assert (output.selected_positions[1] == -1).all()
+    assert torch.isfinite(output.loss) and output.loss > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_config_from_a_newer_version_with_new_fields_raises_naming_them():
+    data = TokenTuneConfig(task_type="CAUSAL_LM").to_dict() | {"tokentune_version": "9.0.0", "selector": "x"}
+    with pytest.raises(ValueError, match=r"selector.*newer version"):
+        TokenTuneConfig.from_dict(data)
+
+
+def test_a_config_from_a_newer_version_without_new_fields_loads_with_a_warning():
+    data = TokenTuneConfig(task_type="CAUSAL_LM", seed=5).to_dict() | {"tokentune_version": "9.0.0"}
+    with pytest.warns(UserWarning, match="9.0.0"):
+        assert TokenTuneConfig.from_dict(data).seed == 5

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from test_recipes import offline_installed
 from tokentune_peft.quality import CLASSIFICATION_SETTINGS, SFT_SETTINGS, main
+
+from test_recipes import offline_installed
 
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")

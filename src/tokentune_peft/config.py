@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -17,6 +18,10 @@ CONFIG_NAME = "tokentune_config.json"
 SUPPORTED_TASK_TYPES = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 ALWAYS_SELECT_CHOICES = ("auto", "first", "last", "none")
 DEFAULT_SELECTION_RATIO = 0.3
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def _json_value(value: Any) -> Any:
@@ -159,7 +164,13 @@ class TokenTuneConfig(PeftConfig):
             0.3
         """
         data = dict(data)
-        data.pop("tokentune_version", None)
+        version = data.pop("tokentune_version", None)
+        if version is not None and _version_tuple(version) > _version_tuple(__version__):
+            warnings.warn(
+                f"This TokenTune config was written by tokentune_peft {version}, newer than this {__version__}.",
+                UserWarning,
+                stacklevel=2,
+            )
         known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:

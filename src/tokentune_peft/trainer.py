@@ -116,8 +116,12 @@ class TokenTuneTrainer(Trainer):
         """
         stock = self.accelerator.unwrap_model(model).base_model.model
         row = {k: v[:1] for k, v in inputs.items() if k != "selected_positions" and torch.is_tensor(v)}
-        with torch.enable_grad(), SavedTensorMeter(stock) as meter:
-            stock(**row)
+        device = inputs["input_ids"].device
+        # A fork of the random state: this extra forward must not shift dropout's random stream, or a
+        # resumed run (which measures at its first step) would train differently.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.enable_grad(), SavedTensorMeter(stock) as meter:
+                stock(**row)
         return meter.saved_bytes * inputs["input_ids"].shape[0]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
