@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import datasets
 
+from .engine import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -38,7 +40,6 @@ _INSTALL_ARGS = {
 }
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------- models
