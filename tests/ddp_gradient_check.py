@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
-from tokentune_peft.engine import selected_targets  # noqa: E402
+from tokentune_peft.labels import selected_targets  # noqa: E402
 from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 
 from tiny_models import build_model  # noqa: E402

@@ -46,8 +46,8 @@ def test_engine_loss_equals_naive_loss_on_random_batches(lengths, left, ratio, s
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    engine = dataclasses.replace(MODEL.base_model.tokentune_engine, selection_ratio=ratio)
-    selected = engine.sample(MODEL, input_ids, attention_mask, generator=generator)
+    selector = dataclasses.replace(MODEL.base_model.tokentune_engine.selector, selection_ratio=ratio)
+    selected = selector.sample(MODEL, input_ids, attention_mask, None, generator)
 
     output = MODEL(**batch, selected_positions=selected)
     expected = naive_tokentune_loss(copy.deepcopy(MODEL).get_base_model(), batch, selected, "CAUSAL_LM")

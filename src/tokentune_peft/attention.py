@@ -5,7 +5,8 @@ self-attention through transformers' attention-function registry, which hands th
 step's state as the ``tokentune_step`` keyword:
 
 * pass 1 (no autograd, all tokens): :meth:`TokenTuneStep.record` keeps each attention module's keys,
-  values and mask, then the stock attention runs as usual;
+  values and mask (and shows the call to an optional observer, which an importance-guided selection
+  uses to score tokens), then the stock attention runs as usual;
 * pass 2 (autograd, selected tokens only): :meth:`TokenTuneStep.attend` writes the selected tokens'
   own, differentiable keys and values into the recorded ones and lets the selected queries attend to
   all of them, under the selected rows of the model's own mask.
@@ -20,12 +21,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .selection import PAD_POSITION
 
 #: Stock attention implementations TokenTune can sit on top of.
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -61,23 +65,63 @@ def _stock_attention(base: str, module: nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+def allowed_keys(
+    mask: torch.Tensor | None, is_causal: bool, query_positions: torch.Tensor, valid: torch.Tensor, seq_len: int
+) -> torch.Tensor | None:
+    """Which keys the queries at ``query_positions`` may attend to, under an attention call's own mask.
+
+    Args:
+        mask: the mask the model passed to its attention function (bool, True = allowed, or additive
+            float, 0 = allowed), [batch or 1, heads or 1, queries, keys]; or None.
+        is_causal: whether a missing mask means causal attention.
+        query_positions: [batch, k] sequence index of each query (any valid index on padded slots).
+        valid: [batch, k] bool, False on padded slots, which may attend anywhere (no NaN rows).
+        seq_len: number of keys N.
+
+    Returns: bool [batch, heads or 1, k, N], or None when every key is allowed.
+
+    Example:
+        >>> allowed_keys(None, True, torch.tensor([[0, 2]]), torch.tensor([[True, True]]), 3).int().tolist()
+        [[[[1, 0, 0], [1, 1, 1]]]]
+    """
+    batch = query_positions.shape[0]
+    device = query_positions.device
+    if mask is None:
+        if not is_causal:
+            return None
+        key_index = torch.arange(seq_len, device=device)
+        allowed = (key_index[None, None, :] <= query_positions[:, :, None])[:, None]
+    else:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"TokenTune supports tensor attention masks, got {type(mask).__name__}.")
+        # Both indices must be tensors: an integer row index would be basic indexing and put the
+        # query positions before the heads dimension.
+        rows = torch.arange(batch, device=device) if mask.shape[0] > 1 else torch.zeros(batch, dtype=torch.long)
+        picked = mask[rows.to(device)[:, None], :, query_positions].transpose(1, 2)  # [B, heads, k, N]
+        allowed = picked if mask.dtype == torch.bool else picked == 0
+    return allowed | ~valid[:, None, :, None]
+
+
+class PassOneObserver(Protocol):
+    """Something that looks at every self-attention call of pass 1 (e.g. to score tokens)."""
+
+    def observe(self, module: nn.Module, query, key, value, mask, is_causal: bool, scaling: float | None) -> None: ...
+
+
 @dataclass
 class TokenTuneStep:
     """State of one TokenTune step, passed to every attention call as ``tokentune_step``.
 
+    Pass 1 records every attention's keys, values and mask (and shows them to ``observer``, if any);
+    :meth:`select` then sets the selected positions that pass 2 runs.
+
     Args:
-        batch_index: [n] row of each selected token (valid slots only).
-        slot_index: [n] slot of each selected token in the pass-2 batch.
-        positions: [batch, k] selected sequence index per slot; padded slots hold a valid dummy index.
-        valid_slots: [batch, k] bool, True for real selected tokens.
         seq_len: length N of the full sequences.
+        observer: optional :class:`PassOneObserver` called on every pass-1 attention.
     """
 
-    batch_index: torch.Tensor
-    slot_index: torch.Tensor
-    positions: torch.Tensor
-    valid_slots: torch.Tensor
     seq_len: int
+    observer: PassOneObserver | None = None
     recording: bool = True
     keys: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
     values: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
@@ -88,12 +132,21 @@ class TokenTuneStep:
     def num_recorded(self) -> int:
         return len(self.keys)
 
-    def record(self, module: nn.Module, key: torch.Tensor, value: torch.Tensor, mask, is_causal: bool) -> None:
+    def record(self, module: nn.Module, query, key, value, mask, is_causal: bool, scaling: float | None) -> None:
         """Pass 1: keep this module's keys, values and mask for pass 2."""
         # Pass 2 writes into these tensors in place, which autograd refuses on views made without grad.
         self.keys[module] = key.clone() if key._is_view() else key
         self.values[module] = value.clone() if value._is_view() else value
         self.masks[module] = (mask, is_causal)
+        if self.observer is not None:
+            self.observer.observe(module, query, key, value, mask, is_causal, scaling)
+
+    def select(self, selected_positions: torch.Tensor) -> None:
+        """End pass 1: pass 2 runs the tokens at ``selected_positions`` ([batch, k], -1 padded)."""
+        self.recording = False
+        self.valid_slots = selected_positions != PAD_POSITION
+        self.positions = selected_positions.clamp(min=0)  # padded slots hold a valid dummy index
+        self.batch_index, self.slot_index = self.valid_slots.nonzero(as_tuple=True)
 
     def attend(self, module: nn.Module, query, key, value, attend_all: Callable, kwargs: dict):
         """Pass 2: selected queries attend to all keys and values, the selected ones with gradient."""
@@ -125,28 +178,12 @@ class TokenTuneStep:
         """
         cache_key = (id(mask), is_causal, dtype)
         if cache_key not in self._row_masks:
-            self._row_masks[cache_key] = self._build_row_mask(mask, is_causal, dtype)
+            allowed = allowed_keys(mask, is_causal, self.positions, self.valid_slots, self.seq_len)
+            if allowed is not None:
+                additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+                allowed = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+            self._row_masks[cache_key] = allowed
         return self._row_masks[cache_key]
-
-    def _build_row_mask(self, mask: torch.Tensor | None, is_causal: bool, dtype: torch.dtype):
-        batch, _ = self.positions.shape
-        device = self.positions.device
-        if mask is None:
-            if not is_causal:
-                return None
-            key_index = torch.arange(self.seq_len, device=device)
-            allowed = (key_index[None, None, :] <= self.positions[:, :, None])[:, None]
-        else:
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"TokenTune supports tensor attention masks, got {type(mask).__name__}.")
-            # Both indices must be tensors: an integer row index would be basic indexing and put the
-            # selected positions before the heads dimension.
-            rows = torch.arange(batch, device=device) if mask.shape[0] > 1 else torch.zeros(batch, dtype=torch.long)
-            picked = mask[rows.to(device)[:, None], :, self.positions].transpose(1, 2)  # [B, heads, k, N]
-            allowed = picked if mask.dtype == torch.bool else picked == 0
-        allowed = allowed | ~self.valid_slots[:, None, :, None]  # padded slots attend anywhere: no NaN
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _sdpa_over_all_keys(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -170,7 +207,7 @@ def _tokentune_attention(base: str) -> Callable:
         if tokentune_step.recording:
             is_causal = kwargs.get("is_causal")
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-            tokentune_step.record(module, key, value, attention_mask, is_causal)
+            tokentune_step.record(module, query, key, value, attention_mask, is_causal, kwargs.get("scaling"))
             return stock(module, query, key, value, attention_mask, **kwargs)
         over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
         return tokentune_step.attend(module, query, key, value, over_all_keys, kwargs)

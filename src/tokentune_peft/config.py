@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -12,12 +13,16 @@ from peft import LoraConfig, PeftConfig
 from peft.utils import TaskType
 
 from . import __version__
+from .selectors import SELECTION_STRATEGIES
 
 PEFT_TYPE = "TOKENTUNE"
 CONFIG_NAME = "tokentune_config.json"
 SUPPORTED_TASK_TYPES = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 ALWAYS_SELECT_CHOICES = ("auto", "first", "last", "none")
 DEFAULT_SELECTION_RATIO = 0.3
+DEFAULT_UNIFORM_SHARE = 0.2
+#: How a custom selector function is written to JSON (by name; the function itself cannot be stored).
+CUSTOM_SELECTION_PREFIX = "custom:"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -48,6 +53,13 @@ class TokenTuneConfig(PeftConfig):
             token for decoder classification, none otherwise. Also "first", "last", "none", or a
             list of sequence indices.
         seed (`int`): seed of the generator that samples positions when none are given.
+        selection (`str` or callable): how positions are chosen: "uniform" (the paper's), "supervised"
+            (labelled positions first), "importance" (sampled by the attention they receive in the
+            no-grad pass), or a function ``selector(batch, k, generator) -> selected_positions``; see
+            :mod:`tokentune_peft.selectors`.
+        uniform_share (`float`): for "supervised", the share of the budget kept uniform over
+            unlabelled tokens; for "importance", the share of the sampling probability spread evenly.
+            Defaults to 0.2 for those two; not used by the others.
 
     Example:
         >>> from peft import LoraConfig
@@ -82,6 +94,20 @@ class TokenTuneConfig(PeftConfig):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the generator that samples the selected positions."})
+    selection: str | Callable = field(
+        default="uniform",
+        metadata={
+            "help": f"How positions are chosen: one of {SELECTION_STRATEGIES} or a function "
+            "`selector(batch, k, generator) -> selected_positions`."
+        },
+    )
+    uniform_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "'supervised': share of the budget drawn uniformly among unlabelled tokens; 'importance': "
+            f"share of the sampling probability spread evenly. In [0, 1]; {DEFAULT_UNIFORM_SHARE} if unset."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +117,7 @@ class TokenTuneConfig(PeftConfig):
             raise ValueError(f"`task_type` must be one of {allowed}; got {self.task_type!r}.")
         self._check_budget()
         self._check_always_select()
+        self._check_selection()
         if isinstance(self.peft_config, dict):
             self.peft_config = LoraConfig(**self.peft_config)
         if self.peft_config is not None:
@@ -135,6 +162,32 @@ class TokenTuneConfig(PeftConfig):
             )
         self.always_select = list(value)
 
+    def _check_selection(self) -> None:
+        if isinstance(self.selection, str) and self.selection.startswith(CUSTOM_SELECTION_PREFIX):
+            raise ValueError(
+                f"This config was trained with a custom selector ({self.selection[len(CUSTOM_SELECTION_PREFIX) :]}); "
+                "which JSON cannot hold; pass the function again: "
+                "TokenTuneConfig.from_pretrained(folder, selection=my_selector)."
+            )
+        if not callable(self.selection) and self.selection not in SELECTION_STRATEGIES:
+            raise ValueError(
+                f"`selection` must be one of {SELECTION_STRATEGIES} or a function "
+                f"selector(batch, k, generator); got {self.selection!r}."
+            )
+        share = self.uniform_share
+        if self.selection not in ("supervised", "importance"):
+            if share is not None:
+                raise ValueError(
+                    "`uniform_share` applies to selection='supervised' or 'importance'; "
+                    f"got selection={self.selection!r}."
+                )
+            return
+        if share is None:
+            share = self.uniform_share = DEFAULT_UNIFORM_SHARE
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"`uniform_share` must be a number in [0, 1]; got {share!r}.")
+        self.uniform_share = float(share)
+
     # peft's classification wrappers add their heads to `modules_to_save` of the config they are given,
     # when it has one. With LoRA the heads belong to the adapter; without it every weight trains anyway,
     # so the attribute is absent (the property raises AttributeError) and peft leaves the heads alone.
@@ -153,6 +206,8 @@ class TokenTuneConfig(PeftConfig):
         data = super().to_dict()
         data["peft_config"] = None if self.peft_config is None else self.peft_config.to_dict()
         data["tokentune_version"] = __version__
+        if callable(self.selection):
+            data["selection"] = CUSTOM_SELECTION_PREFIX + f"{self.selection.__module__}.{self.selection.__qualname__}"
         return data
 
     @classmethod
@@ -191,8 +246,17 @@ class TokenTuneConfig(PeftConfig):
             json.dump(self.to_dict(), handle, indent=2, sort_keys=True, default=_json_value)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        subfolder: str | None = None,
+        selection: Callable | None = None,
+        **kwargs: Any,
+    ):
         """Load ``tokentune_config.json`` from a local folder or a Hub repository.
+
+        A config saved with a custom selector function records only its name; pass the function
+        again as ``selection``.
 
         Example:
             >>> import tempfile
@@ -208,4 +272,7 @@ class TokenTuneConfig(PeftConfig):
 
             path = hf_hub_download(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **kwargs)
         with open(path) as handle:
-            return cls.from_dict(json.load(handle))
+            data = json.load(handle)
+        if selection is not None:
+            data["selection"] = selection
+        return cls.from_dict(data)

@@ -26,28 +26,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .attention import TokenTuneStep
-from .selection import PAD_POSITION, last_real_positions, sample_positions, validate_selected_positions
-
-IGNORE_INDEX = -100
-
-
-def selected_targets(task_type: str, labels: torch.Tensor, selected_positions: torch.Tensor) -> torch.Tensor:
-    """The labels the loss uses at each selected slot; -100 where none (and on padded slots).
-
-    CAUSAL_LM: the next token's label, ``labels[p + 1]``; TOKEN_CLS: ``labels[p]``; SEQ_CLS: the
-    sequence labels, unchanged.
-
-    Example:
-        >>> labels = torch.tensor([[5, 6, 7, -100]])
-        >>> selected_targets("CAUSAL_LM", labels, torch.tensor([[0, 2, -1]])).tolist()
-        [[6, -100, -100]]
-    """
-    if task_type == TaskType.SEQ_CLS:
-        return labels
-    if task_type == TaskType.CAUSAL_LM:
-        labels = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    targets = labels.gather(1, selected_positions.clamp(min=0))
-    return targets.masked_fill(selected_positions == PAD_POSITION, IGNORE_INDEX)
+from .labels import IGNORE_INDEX, selected_targets
+from .selection import PAD_POSITION, validate_selected_positions
+from .selectors import TokenSelector
 
 
 @dataclass
@@ -55,21 +36,16 @@ class TokenTuneEngine:
     """Runs TokenTune steps for one model.
 
     Args:
-        task_type: CAUSAL_LM, SEQ_CLS or TOKEN_CLS.
-        always_select: resolved choice of always-selected positions ("first", "last", "head", "none"
-            or a list of indices).
-        is_decoder: whether the model's self-attention is causal (decides which token a
-            classification head reads).
-        selection_ratio / num_selected: the budget when positions are sampled.
-        generator: CPU generator used for sampling.
+        selector: chooses the positions when a batch brings none.
+        generator: CPU generator used for sampling (the trainer swaps in its own, which it checkpoints).
     """
 
-    task_type: str
-    always_select: str | list[int]
-    is_decoder: bool
-    selection_ratio: float | None
-    num_selected: int | None
+    selector: TokenSelector
     generator: torch.Generator
+
+    @property
+    def task_type(self) -> str:
+        return self.selector.task_type
 
     def __call__(
         self,
@@ -97,28 +73,22 @@ class TokenTuneEngine:
                 f"got {tuple(attention_mask.shape)}."
             )
         self._check_labels(labels, input_ids)
-        head = self._head_positions(model, input_ids, attention_mask)
+        head = self.selector.head_positions(model, input_ids, attention_mask)
         if head is not None and not attention_mask.gather(1, head[:, None]).all():
             raise ValueError(
                 f"The classification head reads positions {head.tolist()}, and some are padding "
                 "(attention_mask == 0); pad encoder inputs on the right."
             )
-        if selected_positions is None:
-            selected_positions = self.sample(model, input_ids, attention_mask)
-        else:
+        positions = self._full_position_ids(model, input_ids, position_ids)
+        observer = None
+        if selected_positions is not None:
             selected_positions = selected_positions.to(input_ids.device)
             validate_selected_positions(selected_positions, attention_mask)
-        if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
-            raise ValueError(
-                f"`selected_positions` must include the token the classification head reads, at positions "
-                f"{head.tolist()}."
-            )
-        positions = self._full_position_ids(model, input_ids, position_ids)
-
-        valid = selected_positions != PAD_POSITION
-        slots = selected_positions.clamp(min=0)
-        batch_index, slot_index = valid.nonzero(as_tuple=True)
-        step = TokenTuneStep(batch_index, slot_index, slots, valid, seq_len)
+        elif self.selector.selects_in_forward:
+            observer = self.selector.importance_meter(model, input_ids, attention_mask, labels)
+        else:
+            selected_positions = self.sample(model, input_ids, attention_mask, labels=labels)
+        step = TokenTuneStep(seq_len, observer=observer)
 
         with torch.no_grad():
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
@@ -136,7 +106,18 @@ class TokenTuneEngine:
                 "through transformers' attention registry, or its attention implementation was changed after "
                 "wrapping."
             )
-        step.recording = False
+        if observer is not None:
+            selected_positions = self.sample(
+                model, input_ids, attention_mask, labels=labels, importance=observer.scores
+            )
+        if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
+            raise ValueError(
+                f"`selected_positions` must include the token the classification head reads, at positions "
+                f"{head.tolist()}."
+            )
+        step.select(selected_positions)
+        valid = selected_positions != PAD_POSITION
+        slots = selected_positions.clamp(min=0)
 
         selected_ids = input_ids.gather(1, slots)
         pad_id = getattr(model.config, "pad_token_id", None)
@@ -172,42 +153,15 @@ class TokenTuneEngine:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
+        importance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sample positions for a batch from the budget, including the always-selected ones.
+        """Positions for a batch, by the configured strategy, including the always-selected ones.
 
-        ``generator`` defaults to the engine's own. Example: see
-        :func:`tokentune_peft.selection.sample_positions`.
+        ``generator`` defaults to the engine's own. Example: see :class:`tokentune_peft.selectors.TokenSelector`.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        always = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        choice = self.always_select
-        if choice == "head":
-            always[rows, self._head_positions(model, input_ids, attention_mask)] = True
-        elif choice == "first":
-            always[rows, (attention_mask.cumsum(1) == 0).sum(1).clamp(max=input_ids.shape[1] - 1)] = True
-        elif choice == "last":
-            always[rows, last_real_positions(attention_mask)] = True
-        elif isinstance(choice, list):
-            index = torch.tensor([i for i in choice if i < input_ids.shape[1]], dtype=torch.long)
-            always[:, index.to(always.device)] = True
-        always &= attention_mask.bool()
         generator = self.generator if generator is None else generator
-        return sample_positions(attention_mask, always, generator, self.selection_ratio, self.num_selected)
-
-    def _head_positions(self, model, input_ids, attention_mask) -> torch.Tensor | None:
-        """Where the sequence-classification head reads, as transformers' heads compute it."""
-        if self.task_type != TaskType.SEQ_CLS:
-            return None
-        if not self.is_decoder:  # poolers read the first token ([CLS])
-            return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        pad_id = getattr(model.config, "pad_token_id", None)
-        if pad_id is None:
-            if input_ids.shape[0] > 1:
-                raise ValueError("Decoder sequence classification of batches needs `config.pad_token_id`.")
-            return torch.full((1,), input_ids.shape[1] - 1, device=input_ids.device)
-        return last_real_positions((input_ids != pad_id).long())
+        return self.selector.sample(model, input_ids, attention_mask, labels, generator, importance)
 
     @staticmethod
     def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor) -> None:

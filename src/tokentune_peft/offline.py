@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import datasets
 
-from .engine import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -72,7 +72,7 @@ def classification_runs(args: QualityArguments) -> list[dict]:
         for seed in args.seeds:
             output_dir = os.path.join(args.runs_dir, "classification", name.replace(" ", "_"), f"seed{seed}")
             overrides = _overrides(f"{common} {settings} --seed {seed} --output_dir {output_dir}")
-            runs.append(_run(name, seed, config, overrides))
+            runs.append(run_setting(name, seed, config, overrides))
     return runs
 
 
@@ -84,11 +84,14 @@ def sft_runs(args: QualityArguments) -> list[dict]:
     runs = []
     for name, settings in SFT_SETTINGS.items():
         output_dir = os.path.join(args.runs_dir, "sft", name.replace(" ", "_").replace("+", "plus"))
-        runs.append(_run(name, args.seeds[0], config, _overrides(f"{common} {settings} --output_dir {output_dir}")))
+        runs.append(
+            run_setting(name, args.seeds[0], config, _overrides(f"{common} {settings} --output_dir {output_dir}"))
+        )
     return runs
 
 
-def _run(name: str, seed: int, config: str, overrides: list[str]) -> dict:
+def run_setting(name: str, seed: int, config: str, overrides: list[str]) -> dict:
+    """Train one recipe with overrides through ``tokentune-train``'s code; its results and wall time."""
     recipe, training = parse_recipe(config, overrides)
     start = time.perf_counter()
     results = run_recipe(recipe, training)

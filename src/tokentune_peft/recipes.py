@@ -41,6 +41,12 @@ class RecipeArguments:
     selection_ratio: float | None = field(default=0.3, metadata={"help": "TokenTune: share of tokens selected."})
     num_selected: int | None = field(default=None, metadata={"help": "TokenTune: fixed k instead of a ratio."})
     always_select: str = field(default="auto", metadata={"help": "TokenTune: 'auto', 'first', 'last' or 'none'."})
+    selection: str = field(
+        default="uniform", metadata={"help": "TokenTune: 'uniform', 'supervised' or 'importance' selection."}
+    )
+    uniform_share: float | None = field(
+        default=None, metadata={"help": "TokenTune: uniform share of 'supervised' / 'importance' (default 0.2)."}
+    )
     lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})

@@ -38,14 +38,20 @@ def sample_positions(
     generator: torch.Generator,
     selection_ratio: float | None = None,
     num_selected: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample positions uniformly among a row's real tokens, always including ``always_selected``.
+    """Sample positions among a row's real tokens, always including ``always_selected``.
+
+    Without ``weights`` every real token is equally likely; with them, positions are drawn without
+    replacement with probability proportional to their weight (Gumbel top-k), so every token with a
+    positive weight keeps a chance.
 
     Args:
         attention_mask: [batch, seq] 1 for real tokens, 0 for padding.
         always_selected: [batch, seq] bool, positions every selection must include.
         generator: the random generator (on CPU) that makes runs reproducible.
         selection_ratio / num_selected: the budget, exactly one of them.
+        weights: [batch, seq] non-negative sampling weights, or None for uniform.
 
     Example:
         >>> mask = torch.ones(2, 6, dtype=torch.long)
@@ -53,21 +59,110 @@ def sample_positions(
         >>> sample_positions(mask, always, torch.Generator().manual_seed(0), num_selected=3)[:, 0].tolist()
         [0, 0]
     """
-    sizes = selection_sizes(attention_mask, selection_ratio, num_selected)
     real = attention_mask.bool()
-    sizes = torch.maximum(sizes, (always_selected & real).sum(dim=1))
-    scores = torch.rand(attention_mask.shape, generator=generator).to(attention_mask.device)
-    scores = scores.masked_fill(always_selected, 2.0).masked_fill(~real, -1.0)
-    k = max(int(sizes.max()), 1)
-    chosen = scores.topk(k, dim=1).indices
-    keep = torch.arange(k, device=chosen.device)[None, :] < sizes[:, None]
-    return _sorted_with_padding(chosen, keep)
+    always = always_selected & real
+    free_budget = selection_budget(attention_mask, always, selection_ratio, num_selected) - always.sum(dim=1)
+    scores = _uniform_scores(attention_mask, generator)
+    if weights is not None:  # Gumbel top-k: the top scores are a draw without replacement, P ~ weights
+        scores = weights.clamp(min=torch.finfo(torch.float32).tiny).log() - (-scores.log()).log()
+    return positions_from_mask(always | _top_counts(scores, real & ~always, free_budget))
 
 
-def _sorted_with_padding(positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    big = torch.iinfo(positions.dtype).max
-    ordered = positions.masked_fill(~keep, big).sort(dim=1).values
+def sample_with_quota(
+    attention_mask: torch.Tensor,
+    always_selected: torch.Tensor,
+    preferred: torch.Tensor,
+    generator: torch.Generator,
+    other_share: float,
+    selection_ratio: float | None = None,
+    num_selected: int | None = None,
+) -> torch.Tensor:
+    """Spend the budget on ``preferred`` positions first, keeping a share for the others.
+
+    After the always-selected positions, ``floor(other_share x budget)`` positions are drawn
+    uniformly among the non-preferred real tokens and the rest uniformly among the preferred ones;
+    when one group runs out, the other takes up the remaining budget, so each row still gets exactly
+    its k positions.
+
+    Example:
+        >>> mask = torch.ones(1, 8, dtype=torch.long)
+        >>> preferred = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+        >>> none = torch.zeros(1, 8, dtype=torch.bool)
+        >>> sample_with_quota(mask, none, preferred, torch.Generator().manual_seed(0), 0.0, num_selected=4).tolist()
+        [[4, 5, 6, 7]]
+    """
+    real = attention_mask.bool()
+    always = always_selected & real
+    budget = selection_budget(attention_mask, always, selection_ratio, num_selected) - always.sum(dim=1)
+    wanted, others = real & ~always & preferred, real & ~always & ~preferred
+    other_quota = torch.minimum((budget * other_share + 1e-6).floor().long(), others.sum(dim=1))
+    wanted_quota = torch.minimum(budget - other_quota, wanted.sum(dim=1))
+    other_quota = budget - wanted_quota
+    scores = _uniform_scores(attention_mask, generator)
+    return positions_from_mask(
+        always | _top_counts(scores, wanted, wanted_quota) | _top_counts(scores, others, other_quota)
+    )
+
+
+def selection_budget(
+    attention_mask: torch.Tensor,
+    always_selected: torch.Tensor,
+    selection_ratio: float | None = None,
+    num_selected: int | None = None,
+) -> torch.Tensor:
+    """k per row: :func:`selection_sizes`, raised where a row has more always-selected tokens.
+
+    Example:
+        >>> always = torch.tensor([[True, True, False, False]])
+        >>> selection_budget(torch.ones(1, 4, dtype=torch.long), always, num_selected=1).tolist()
+        [2]
+    """
+    sizes = selection_sizes(attention_mask, selection_ratio, num_selected)
+    return torch.maximum(sizes, (always_selected & attention_mask.bool()).sum(dim=1))
+
+
+def positions_from_mask(chosen: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool to ascending positions [batch, k], rows padded at the end with -1.
+
+    Example:
+        >>> positions_from_mask(torch.tensor([[False, True, True], [True, False, False]])).tolist()
+        [[1, 2], [0, -1]]
+    """
+    index = torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen)
+    big = torch.iinfo(torch.long).max
+    width = max(int(chosen.sum(dim=1).max()), 1) if chosen.numel() else 1
+    ordered = index.masked_fill(~chosen, big).sort(dim=1).values[:, :width]
     return ordered.masked_fill(ordered == big, PAD_POSITION)
+
+
+def evenly_spaced(chosen: torch.Tensor, count: int) -> torch.Tensor:
+    """Up to ``count`` of each row's True positions, evenly spread over them, as [batch, <=count].
+
+    Example:
+        >>> evenly_spaced(torch.ones(1, 10, dtype=torch.bool), 3).tolist()
+        [[0, 4, 7]]
+    """
+    rank = chosen.long().cumsum(dim=1) - 1
+    total = chosen.sum(dim=1, keepdim=True).clamp(min=1)
+    first_of_its_share = (rank * count).div(total, rounding_mode="floor") != ((rank - 1) * count).div(
+        total, rounding_mode="floor"
+    )
+    return positions_from_mask(chosen & first_of_its_share)
+
+
+def _uniform_scores(attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random scores in (0, 1), one per position, drawn on CPU from ``generator``."""
+    scores = torch.rand(attention_mask.shape, generator=generator).clamp(min=torch.finfo(torch.float32).tiny)
+    return scores.to(attention_mask.device)
+
+
+def _top_counts(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``counts[row]`` eligible positions with the highest scores, as a bool mask."""
+    order = scores.masked_fill(~eligible, -torch.inf).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return eligible & (rank < counts[:, None])
 
 
 def validate_selected_positions(selected_positions: torch.Tensor, attention_mask: torch.Tensor) -> None:

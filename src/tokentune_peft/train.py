@@ -129,6 +129,8 @@ def wrap_model(model, recipe: RecipeArguments):
             selection_ratio=recipe.selection_ratio,
             num_selected=recipe.num_selected,
             always_select=recipe.always_select,
+            selection=recipe.selection,
+            uniform_share=recipe.uniform_share,
             task_type=recipe.task_type,
             peft_config=adapter,
         )

@@ -9,11 +9,13 @@ from typing import Any
 import safetensors.torch
 import torch
 from peft import PeftModel
+from peft.utils import TaskType
 from torch import nn
 from transformers import Trainer
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from .engine import TokenTuneEngine, selected_targets
+from .engine import TokenTuneEngine
+from .labels import selected_targets
 from .memory import SavedTensorMeter
 from .tuner import TokenTuneLoraModel, TokenTuneModel
 
@@ -40,9 +42,9 @@ def tokentune_engine_of(model: nn.Module) -> TokenTuneEngine:
 class TokenTuneTrainer(Trainer):
     """A `Trainer` that back-propagates through k sampled token positions per sequence.
 
-    It takes the same arguments as `Trainer`. For each batch it samples the positions (uniformly,
-    always including the token the task head reads; a batch that brings ``selected_positions`` keeps
-    them) with its own generator, seeded from
+    It takes the same arguments as `Trainer`. For each batch it samples the positions by the
+    config's ``selection`` strategy (always including the token the task head reads; a batch that
+    brings ``selected_positions`` keeps them) with its own generator, seeded from
     ``args.seed`` and the process index and saved in checkpoints, so runs and resumed runs are
     reproducible. The loss is normalised by the number of selected supervised tokens, which keeps
     gradient accumulation and several processes exact. Logs add the selection ratio in force and the
@@ -61,34 +63,38 @@ class TokenTuneTrainer(Trainer):
         self.tokentune_engine = tokentune_engine_of(model)
         super().__init__(model, *args, **kwargs)
         self.selection_generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
+        # Positions drawn inside the forward ("importance") come from this generator too.
+        self.tokentune_engine.generator = self.selection_generator
         self.activation_memory: dict[str, int] | None = None
         self._selected_tokens = 0
         self._real_tokens = 0
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
-        """Fetch the batches of one optimizer step, sample their positions, count the supervised ones."""
+        """Fetch the batches of one optimizer step, sample their positions, count the supervised ones.
+
+        Positions that a strategy draws inside the forward ("importance") are unknown here, so for
+        token-level tasks the loss is then each batch's mean over its selected supervised tokens
+        (exact with one batch per step and one process).
+        """
         batches = []
         for _ in range(num_batches):
             try:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        engine = self.tokentune_engine
         counted = []
         for batch in batches:
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(batch["input_ids"])
-            if "selected_positions" not in batch:  # positions a collator chose are kept
-                batch["selected_positions"] = self.tokentune_engine.sample(
-                    self.model, batch["input_ids"], mask, generator=self.selection_generator
+            if "selected_positions" not in batch and not engine.selector.selects_in_forward:
+                batch["selected_positions"] = engine.sample(
+                    self.model, batch["input_ids"], batch.get("attention_mask"), labels=batch.get("labels")
                 )
-            selected = batch["selected_positions"]
-            self._selected_tokens += int((selected >= 0).sum())
-            self._real_tokens += int(mask.sum())
-            if "labels" in batch:
-                targets = selected_targets(self.tokentune_engine.task_type, batch["labels"], selected)
+            selected = batch.get("selected_positions")
+            if "labels" in batch and (selected is not None or engine.task_type == TaskType.SEQ_CLS):
+                targets = selected_targets(engine.task_type, batch["labels"], selected)
                 counted.append({"labels": batch["labels"], "shift_labels": targets})
-        return batches, self._get_num_items_in_batch(counted, device)
+        num_items = self._get_num_items_in_batch(counted, device) if len(counted) == len(batches) else None
+        return batches, num_items
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -96,16 +102,22 @@ class TokenTuneTrainer(Trainer):
             self._signature_columns.append("selected_positions")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The TokenTune step's loss; the first training step also measures its activation memory."""
-        if self.activation_memory is not None or not model.training:
+        """The TokenTune step's loss; counts the selected tokens, and measures the first step's activations."""
+        if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with SavedTensorMeter(model) as meter:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.activation_memory = {
-            "tokentune_bytes": meter.saved_bytes,
-            "full_fine_tuning_bytes": self._full_fine_tuning_bytes(model, inputs),
-        }
-        return result
+        if self.activation_memory is None:
+            with SavedTensorMeter(model) as meter:
+                loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            self.activation_memory = {
+                "tokentune_bytes": meter.saved_bytes,
+                "full_fine_tuning_bytes": self._full_fine_tuning_bytes(model, inputs),
+            }
+        else:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        mask = inputs.get("attention_mask")
+        self._selected_tokens += int((outputs["selected_positions"] >= 0).sum())
+        self._real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return (loss, outputs) if return_outputs else loss
 
     def _full_fine_tuning_bytes(self, model: nn.Module, inputs: dict) -> int:
         """Activation bytes a full-sequence step would keep for this batch, estimated from its first row.

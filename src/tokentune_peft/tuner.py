@@ -21,6 +21,7 @@ from .checks import check_model_supported, is_decoder
 from .config import TokenTuneConfig
 from .engine import TokenTuneEngine
 from .saving import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
+from .selectors import TokenSelector
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
@@ -37,14 +38,16 @@ class _TokenTuneStepMixin:
         always = config.always_select
         if always == "auto":
             always = "head" if config.task_type == "SEQ_CLS" else "none"
-        self.tokentune_engine = TokenTuneEngine(
+        selector = TokenSelector(
             task_type=config.task_type,
             always_select=always,
             is_decoder=is_decoder(model),
             selection_ratio=None if config.num_selected is not None else config.selection_ratio,
             num_selected=config.num_selected,
-            generator=torch.Generator().manual_seed(config.seed),
+            strategy=config.selection,
+            uniform_share=config.uniform_share or 0.0,
         )
+        self.tokentune_engine = TokenTuneEngine(selector, generator=torch.Generator().manual_seed(config.seed))
 
     def forward(self, *args: Any, **kwargs: Any):
         """A TokenTune step when training with autograd on; the wrapped model's forward otherwise."""

@@ -1,0 +1,260 @@
+"""Selection study: uniform, supervised and importance-guided token selection at equal k.
+
+On the quality script's two tasks (:mod:`tokentune_peft.quality`), through ``tokentune-train``'s own
+code:
+
+* classification, MiniLM-L6 on Rotten Tomatoes, every weight trained: full fine-tuning, then each
+  strategy at each ratio, several seeds; test accuracy. "supervised" is "uniform" here by
+  construction (the only label sits on [CLS], which is always selected), so it is not rerun;
+* supervised fine-tuning, SmolLM2-135M-Instruct + LoRA on chatterbot pairs: LoRA on every token,
+  then each strategy at each ratio; held-out answer loss;
+* step time: the strategies' training steps (forward and backward) timed on one batch of each task,
+  interleaved round by round so that the machine's drift hits them alike.
+
+It writes ``selection.md``, ``results.json`` and ``selection.png`` into ``output_dir``.
+
+    python scripts/selection_study.py --output_dir docs/selection
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, HfArgumentParser
+
+from .benchmarking import machine_description
+from .quality import CONFIG_DIR, FULL_LR, run_setting
+from .recipes import parse_recipe
+from .train import load_datasets, load_model_and_tokenizer, wrap_model
+
+STRATEGIES = ("uniform", "supervised", "importance")
+#: Strategies that differ on each task (SEQ_CLS: "supervised" is "uniform").
+TASK_STRATEGIES = {"classification": ("uniform", "importance"), "sft": STRATEGIES}
+CONFIGS = {
+    "classification": "minilm_rotten_tomatoes_tokentune.yaml",
+    "sft": "smollm2_chatterbot_lora_tokentune.yaml",
+}
+QUICK_CONFIGS = {"classification": "tiny_bert_rotten_tomatoes.yaml", "sft": "smollm2_chatterbot_lora_tokentune.yaml"}
+
+
+@dataclass
+class SelectionStudyArguments:
+    output_dir: str = field(default="docs/selection", metadata={"help": "Where selection.md, results.json go."})
+    runs_dir: str = field(default="outputs/selection", metadata={"help": "Where each run's own outputs go."})
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.3], metadata={"help": "Selection ratios."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Classification seeds."})
+    classification_train_samples: int = field(default=2000, metadata={"help": "Training reviews per run."})
+    sft_train_samples: int = field(default=512, metadata={"help": "Training prompt/answer pairs per run."})
+    timing_rounds: int = field(default=10, metadata={"help": "Timed steps per strategy (interleaved rounds)."})
+    quick: bool = field(default=False, metadata={"help": "Tiny random models and slices, for CI."})
+
+
+def _common(task: str, args: SelectionStudyArguments) -> str:
+    if args.quick:
+        model = "--model_name tiny-llama " if task == "sft" else ""
+        return f"{model}--max_steps 2 --train_samples 8 --eval_samples 8"
+    if task == "classification":
+        return f"--train_samples {args.classification_train_samples} --learning_rate {FULL_LR} --logging_steps 20"
+    return f"--train_samples {args.sft_train_samples} --logging_steps 8"
+
+
+def _config(task: str, quick: bool) -> str:
+    return os.path.join(CONFIG_DIR, (QUICK_CONFIGS if quick else CONFIGS)[task])
+
+
+def training_runs(task: str, args: SelectionStudyArguments) -> list[dict]:
+    """The baseline without TokenTune, then every strategy at every ratio; one run per seed."""
+    seeds = args.seeds if task == "classification" else args.seeds[:1]
+    settings = {"baseline": "--no_tokentune"}
+    for ratio in args.ratios:
+        for strategy in TASK_STRATEGIES[task]:
+            settings[f"{strategy} {ratio}"] = f"--selection {strategy} --selection_ratio {ratio}"
+    runs = []
+    for name, options in settings.items():
+        for seed in seeds:
+            output_dir = os.path.join(args.runs_dir, task, name.replace(" ", "_"), f"seed{seed}")
+            overrides = f"{_common(task, args)} {options} --save_strategy no --seed {seed} --output_dir {output_dir}"
+            runs.append(run_setting(name, seed, _config(task, args.quick), overrides.split()))
+    return runs
+
+
+def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: float) -> dict[str, float]:
+    """Median seconds of one training forward + backward per strategy, on one batch of the task."""
+    recipe, training = parse_recipe(
+        _config(task, args.quick), f"{_common(task, args)} --selection_ratio {ratio} --output_dir unused".split()
+    )
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer(recipe)
+    train = load_datasets(recipe, tokenizer)["train"]
+    model = wrap_model(model, recipe)
+    model.train()
+    collator = (
+        DataCollatorWithPadding(tokenizer)
+        if recipe.task_type == "SEQ_CLS"
+        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    )
+    rows = min(training.per_device_train_batch_size, len(train))
+    batch = dict(collator([train[i] for i in range(rows)]))
+    engine = model.base_model.tokentune_engine
+    uniform = engine.selector
+    selectors = {
+        strategy: replace(uniform, strategy=strategy, uniform_share=0.0 if strategy == "uniform" else 0.2)
+        for strategy in TASK_STRATEGIES[task]
+    }
+    times: dict[str, list[float]] = {strategy: [] for strategy in selectors}
+    for _ in range(args.timing_rounds + 1):  # the first round warms up and is dropped
+        for strategy, selector in selectors.items():
+            engine.selector = selector
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            times[strategy].append(time.perf_counter() - start)
+    engine.selector = uniform
+    return {strategy: statistics.median(values[1:]) for strategy, values in times.items()}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(task: str, runs: list[dict], args: SelectionStudyArguments, timings: dict) -> list[dict]:
+    """One row per setting: metric mean and spread, share of the uniform-to-baseline gap closed, timing."""
+    metric = "test_accuracy" if task == "classification" else "test_loss"
+    by_setting: dict[str, list[dict]] = {}
+    for run in runs:
+        by_setting.setdefault(run["setting"], []).append(run)
+    baseline = _mean_std([r["results"]["after"][metric] for r in by_setting["baseline"]])[0]
+    rows = []
+    for name, mine in by_setting.items():
+        values = [r["results"]["after"][metric] for r in mine]
+        mean, std = _mean_std(values)
+        row = {
+            "setting": name,
+            "mean": mean,
+            "std": std,
+            "values": values,
+            "seconds_per_step": statistics.mean(r["results"]["seconds_per_step"] for r in mine),
+            "activation_mib": mine[0]["results"]["activation_memory"]["step_mib"],
+        }
+        if name != "baseline":
+            strategy, ratio = name.split()
+            uniform = statistics.mean(r["results"]["after"][metric] for r in by_setting[f"uniform {ratio}"])
+            gap = baseline - uniform
+            row["gap_closed"] = (mean - uniform) / gap if gap else None
+            step = timings[ratio]
+            row["timed_step_seconds"] = step[strategy]
+            row["timed_overhead"] = step[strategy] / step["uniform"] - 1
+        rows.append(row)
+    return rows
+
+
+def markdown_table(task: str, rows: list[dict]) -> str:
+    name = "test accuracy (%)" if task == "classification" else "held-out answer loss"
+    scale = 100 if task == "classification" else 1
+    digits = 2 if task == "classification" else 4
+    lines = [
+        f"| setting | {name} | per seed | gap to baseline closed | step time, timed (s) | vs uniform "
+        "| s/step in the run | activation MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        values = ", ".join(f"{scale * v:.{digits}f}" for v in row["values"])
+        closed = "" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
+        timed = "" if "timed_step_seconds" not in row else f"{row['timed_step_seconds']:.3f}"
+        overhead = "" if "timed_overhead" not in row else f"{100 * row['timed_overhead']:+.1f}%"
+        lines.append(
+            f"| {row['setting']} | {scale * row['mean']:.{digits}f} ± {scale * row['std']:.{digits}f} | {values} "
+            f"| {closed} | {timed} | {overhead} | {row['seconds_per_step']:.3f} | {row['activation_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict]], ratios: list[float], path: str, caption: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    titles = {"classification": "MiniLM-L6, Rotten Tomatoes", "sft": "SmolLM2-135M + LoRA, chatterbot SFT"}
+    labels = {"classification": "test accuracy (%)", "sft": "held-out answer loss"}
+    for axis, (task, rows) in zip(axes, results.items(), strict=True):
+        scale = 100 if task == "classification" else 1
+        by_name = {row["setting"]: row for row in rows}
+        for strategy in TASK_STRATEGIES[task]:
+            points = [by_name[f"{strategy} {ratio}"] for ratio in ratios]
+            axis.errorbar(
+                ratios,
+                [scale * p["mean"] for p in points],
+                yerr=[scale * p["std"] for p in points],
+                marker="o",
+                capsize=4,
+                label=strategy,
+            )
+        baseline_name = "full fine-tuning" if task == "classification" else "LoRA, every token"
+        axis.axhline(scale * by_name["baseline"]["mean"], color="black", linestyle="--", label=baseline_name)
+        axis.set_xlabel("selection ratio")
+        axis.set_ylabel(labels[task])
+        axis.set_title(titles[task], fontsize=9)
+        axis.set_xticks(ratios)
+        axis.legend(fontsize=8)
+    figure.suptitle(caption, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``scripts/selection_study.py``."""
+    (args,) = HfArgumentParser(SelectionStudyArguments).parse_args_into_dataclasses(args=argv)
+    start = time.perf_counter()
+    tables, results, runs = {}, {}, {}
+    for task in ("classification", "sft"):
+        timings = {str(ratio): interleaved_step_times(task, args, ratio) for ratio in args.ratios}
+        runs[task] = training_runs(task, args)
+        results[task] = summarise(task, runs[task], args, timings)
+        tables[task] = markdown_table(task, results[task])
+    minutes = (time.perf_counter() - start) / 60
+    machine = machine_description("cpu")
+    os.makedirs(args.output_dir, exist_ok=True)
+    plot(results, args.ratios, os.path.join(args.output_dir, "selection.png"), machine)
+    command = "python scripts/selection_study.py " + " ".join(argv or [])
+    report = "\n".join(
+        [
+            "# Token selection strategies at equal k",
+            "",
+            f"Command: `{command.strip()}`. Machine: {machine}. Total time: {minutes:.1f} minutes.",
+            "",
+            f"## Classification: MiniLM-L6 on Rotten Tomatoes, all weights ({args.classification_train_samples} "
+            f"reviews, one epoch; seeds {args.seeds}); baseline: full fine-tuning",
+            "",
+            tables["classification"],
+            "",
+            f"## SFT: SmolLM2-135M-Instruct + LoRA on chatterbot ({args.sft_train_samples} pairs, one epoch; "
+            f"seed {args.seeds[0]}); baseline: LoRA on every token",
+            "",
+            tables["sft"],
+            "",
+            "![strategies](selection.png)",
+            "",
+        ]
+    )
+    with open(os.path.join(args.output_dir, "selection.md"), "w") as handle:
+        handle.write(report)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+        json.dump(
+            {"arguments": asdict(args), "machine": machine, "minutes": minutes, "summary": results, "runs": runs},
+            handle,
+            indent=2,
+            default=str,
+        )
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Which tokens a TokenTune step selects: the budget, the always-selected tokens and the strategy.
+
+Strategies (``TokenTuneConfig(selection=...)``):
+
+* ``"uniform"``: every real token equally likely (the paper's);
+* ``"supervised"``: the budget goes first to positions that carry a label (CAUSAL_LM: whose next
+  token is supervised; TOKEN_CLS: labelled tokens), keeping ``uniform_share`` of it uniform over the
+  others, so the gradient still reaches context tokens. SEQ_CLS labels sit on the head token, which
+  is always selected, so there it equals "uniform";
+* ``"importance"``: drawn without replacement with probability proportional to an attention-based
+  score from pass 1 (:mod:`tokentune_peft.importance`), mixed with ``uniform_share`` of uniform
+  probability so every token keeps a chance. It is chosen inside the training forward;
+* a callable ``selector(batch, k, generator) -> selected_positions`` (see :class:`TokenSelector`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft.utils import TaskType
+from torch import nn
+
+from .importance import MAX_READERS, AttentionImportance
+from .labels import IGNORE_INDEX, labels_per_position
+from .selection import (
+    evenly_spaced,
+    last_real_positions,
+    sample_positions,
+    sample_with_quota,
+    selection_budget,
+    validate_selected_positions,
+)
+
+SELECTION_STRATEGIES = ("uniform", "supervised", "importance")
+#: A user's strategy: ``selector(batch, k, generator) -> selected_positions``.
+SelectorFunction = Callable[[dict, torch.Tensor, torch.Generator], torch.Tensor]
+Selection = str | SelectorFunction
+
+
+@dataclass
+class TokenSelector:
+    """Chooses the positions of a batch.
+
+    Args:
+        task_type: CAUSAL_LM, SEQ_CLS or TOKEN_CLS.
+        always_select: resolved always-selected positions ("first", "last", "head", "none" or a list
+            of indices).
+        is_decoder: whether the model's self-attention is causal (decides which token a
+            classification head reads).
+        selection_ratio / num_selected: the budget, exactly one set.
+        strategy: "uniform", "supervised", "importance" or a callable. The callable receives
+            ``batch`` (a dict with ``input_ids``, ``attention_mask``, ``always_selected`` (bool
+            [batch, seq]) and ``labels`` when the batch has them), ``k`` (LongTensor [batch], the
+            number of positions each row must get, always-selected ones included) and the
+            generator; it returns positions as :func:`~tokentune_peft.selection.sample_positions`
+            does: a LongTensor [batch, max k], ascending per row, padded at the end with -1.
+        uniform_share: "supervised": share of the budget drawn among unlabelled tokens;
+            "importance": share of the sampling probability spread evenly over the tokens.
+
+    Example:
+        >>> selector = TokenSelector("CAUSAL_LM", "none", True, None, 2, strategy="supervised", uniform_share=0.0)
+        >>> labels = torch.tensor([[-100, -100, -100, 7, 8]])
+        >>> selector.sample(None, torch.ones(1, 5, dtype=torch.long), None, labels, torch.Generator()).tolist()
+        [[2, 3]]
+    """
+
+    task_type: str
+    always_select: str | list[int]
+    is_decoder: bool
+    selection_ratio: float | None
+    num_selected: int | None
+    strategy: Selection = "uniform"
+    uniform_share: float = 0.0
+
+    @property
+    def selects_in_forward(self) -> bool:
+        """Whether positions can only be drawn inside the training forward (they need pass 1)."""
+        return self.strategy == "importance"
+
+    def sample(
+        self,
+        model: nn.Module | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        generator: torch.Generator,
+        importance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Positions for a batch: [batch, k], ascending per row, -1 padded.
+
+        ``importance`` ([batch, seq], from :meth:`importance_meter`) is required by "importance".
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        always = self.always_selected(model, input_ids, attention_mask)
+        budget = {"selection_ratio": self.selection_ratio, "num_selected": self.num_selected}
+        if callable(self.strategy):
+            return self._custom(input_ids, attention_mask, labels, always, generator)
+        if self.strategy == "supervised" and self.task_type != TaskType.SEQ_CLS:
+            supervised = self._supervised(labels, input_ids)
+            return sample_with_quota(attention_mask, always, supervised, generator, self.uniform_share, **budget)
+        if self.strategy == "importance":
+            if importance is None:
+                raise ValueError(
+                    "selection='importance' draws positions inside the training forward, from the no-grad pass; "
+                    "call the model in training mode instead of sampling ahead."
+                )
+            return sample_positions(
+                attention_mask, always, generator, weights=self._mixed(importance, attention_mask), **budget
+            )
+        return sample_positions(attention_mask, always, generator, **budget)
+
+    def importance_meter(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
+    ) -> AttentionImportance:
+        """The pass-1 observer whose scores "importance" samples by; its readers are where the loss is read.
+
+        SEQ_CLS: the head's token. CAUSAL_LM / TOKEN_CLS: up to ``MAX_READERS`` labelled positions,
+        evenly spread; a row without any (or a batch without labels) reads at its last real token.
+        """
+        if self.task_type == TaskType.SEQ_CLS:
+            return AttentionImportance(self.head_positions(model, input_ids, attention_mask)[:, None])
+        readers = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        if labels is not None:
+            readers = self._supervised(labels, input_ids) & attention_mask.bool()
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        unread = ~readers.any(dim=1)
+        readers[rows[unread], last_real_positions(attention_mask)[unread]] = True
+        return AttentionImportance(evenly_spaced(readers, MAX_READERS))
+
+    def always_selected(self, model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """[batch, seq] bool: the positions every selection of this batch includes."""
+        always = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        choice = self.always_select
+        if choice == "head":
+            always[rows, self.head_positions(model, input_ids, attention_mask)] = True
+        elif choice == "first":
+            always[rows, (attention_mask.cumsum(1) == 0).sum(1).clamp(max=input_ids.shape[1] - 1)] = True
+        elif choice == "last":
+            always[rows, last_real_positions(attention_mask)] = True
+        elif isinstance(choice, list):
+            index = torch.tensor([i for i in choice if i < input_ids.shape[1]], dtype=torch.long)
+            always[:, index.to(always.device)] = True
+        return always & attention_mask.bool()
+
+    def head_positions(self, model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Where the sequence-classification head reads, as transformers' heads compute it (None otherwise)."""
+        if self.task_type != TaskType.SEQ_CLS:
+            return None
+        if not self.is_decoder:  # poolers read the first token ([CLS])
+            return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        pad_id = getattr(model.config, "pad_token_id", None)
+        if pad_id is None:
+            if input_ids.shape[0] > 1:
+                raise ValueError("Decoder sequence classification of batches needs `config.pad_token_id`.")
+            return torch.full((1,), input_ids.shape[1] - 1, device=input_ids.device)
+        return last_real_positions((input_ids != pad_id).long())
+
+    def _supervised(self, labels: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+        if labels is None:
+            raise ValueError(f"selection={self.strategy!r} needs the batch's `labels`.")
+        return labels_per_position(self.task_type, labels.to(input_ids.device)) != IGNORE_INDEX
+
+    def _mixed(self, importance: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sampling weights: (1 - share) x normalised importance + share x uniform, over real tokens."""
+        real = attention_mask.bool()
+        importance = importance.masked_fill(~real, 0.0)
+        total = importance.sum(dim=1, keepdim=True).clamp(min=torch.finfo(importance.dtype).tiny)
+        uniform = real / real.sum(dim=1, keepdim=True).clamp(min=1)
+        return (1 - self.uniform_share) * importance / total + self.uniform_share * uniform
+
+    def _custom(self, input_ids, attention_mask, labels, always, generator) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "always_selected": always}
+        if labels is not None:
+            batch["labels"] = labels
+        k = selection_budget(attention_mask, always, self.selection_ratio, self.num_selected)
+        name = getattr(self.strategy, "__name__", repr(self.strategy))
+        positions = self.strategy(batch, k, generator)
+        if not isinstance(positions, torch.Tensor):
+            raise ValueError(f"The selector {name} must return a LongTensor; got {type(positions).__name__}.")
+        positions = positions.to(input_ids.device)
+        validate_selected_positions(positions, attention_mask)
+        counts = (positions >= 0).sum(dim=1)
+        if not torch.equal(counts, k):
+            raise ValueError(f"The selector {name} returned {counts.tolist()} positions per row; k is {k.tolist()}.")
+        picked = torch.zeros(always.shape[0], always.shape[1] + 1, dtype=torch.bool, device=always.device)
+        picked = picked.scatter_(1, positions + 1, True)[:, 1:]  # column 0 catches the -1 padding
+        if (always & ~picked).any():
+            raise ValueError(f"The selector {name} left out positions of `batch['always_selected']`.")
+        return positions
