@@ -27,12 +27,12 @@ def causal_lm_examples(count: int = 16, seq_len: int = 12, seed: int = 0) -> lis
     return examples
 
 
-def tokentune_model(seed: int = 0, lora: bool = False):
+def tokentune_model(seed: int = 0, lora: bool = False, selection: str = "uniform"):
     adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
     torch.manual_seed(seed)
     return get_peft_model(
         build_model("llama", "CAUSAL_LM", seed=seed),
-        TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=0.3, peft_config=adapter),
+        TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=0.3, peft_config=adapter, selection=selection),
     )
 
 
@@ -85,16 +85,22 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path, lora):
+@pytest.mark.parametrize(
+    ("lora", "selection"),
+    [(False, "uniform"), (True, "uniform"), (False, "importance")],
+    ids=["full", "lora", "importance"],
+)
+def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path, lora, selection):
     settings = dict(max_steps=6, save_strategy="steps", save_steps=3)
     uninterrupted = TokenTuneTrainer(
-        model=tokentune_model(lora=lora), args=arguments(tmp_path / "a", **settings), train_dataset=causal_lm_examples()
+        model=tokentune_model(lora=lora, selection=selection),
+        args=arguments(tmp_path / "a", **settings),
+        train_dataset=causal_lm_examples(),
     )
     uninterrupted.train()
 
     interrupted = TokenTuneTrainer(
-        model=tokentune_model(lora=lora),
+        model=tokentune_model(lora=lora, selection=selection),
         args=arguments(tmp_path / "b", **settings),
         train_dataset=causal_lm_examples(),
         callbacks=[StopAfter(3)],
@@ -103,7 +109,7 @@ def test_resuming_from_a_checkpoint_ends_with_the_same_weights(tmp_path, lora):
     assert interrupted.state.global_step == 3
     # All weights come from the checkpoint; with LoRA the frozen base must be the same one.
     resumed = TokenTuneTrainer(
-        model=tokentune_model(seed=0 if lora else 1, lora=lora),
+        model=tokentune_model(seed=0 if lora else 1, lora=lora, selection=selection),
         args=arguments(tmp_path / "b", **settings),
         train_dataset=causal_lm_examples(),
     )
@@ -226,3 +232,32 @@ def test_tokentune_at_ratio_one_trains_like_the_plain_trainer(tmp_path):
     plain.train()
     curve = [e["loss"] for e in tokentune.state.log_history if "loss" in e]
     assert curve == pytest.approx([e["loss"] for e in plain.state.log_history if "loss" in e], rel=1e-4)
+
+
+def one_batch() -> dict:
+    examples = causal_lm_examples(count=2)
+    return {key: torch.stack([e[key] for e in examples]) for key in ("input_ids", "attention_mask", "labels")}
+
+
+def test_supervised_positions_are_sampled_before_the_forward_and_counted(tmp_path):
+    model = tokentune_model(selection="supervised")
+    trainer = TokenTuneTrainer(model=model, args=arguments(tmp_path), train_dataset=causal_lm_examples())
+    batch = one_batch()
+    (sampled,), num_items = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    labelled = torch.cat([batch["labels"][:, 1:], torch.full((2, 1), -100)], dim=1) != -100
+    chosen = sampled["selected_positions"]
+    # rows of 6 and 7 tokens, 3 and 4 of them labelled: k = ceil(0.3 n) = 2 and 3, all spent on labelled
+    # positions (the uniform share, floor(0.2 k), is 0 here)
+    assert [[bool(labelled[row, p]) for p in chosen[row] if p >= 0] for row in range(2)] == [[True] * 2, [True] * 3]
+    assert int(num_items) == 5
+
+
+def test_importance_is_drawn_in_the_forward_from_the_trainers_generator(tmp_path):
+    model = tokentune_model(selection="importance")
+    trainer = TokenTuneTrainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=causal_lm_examples())
+    assert model.base_model.tokentune_engine.generator is trainer.selection_generator
+    (fetched,), num_items = trainer.get_batch_samples(iter([one_batch()]), 1, torch.device("cpu"))
+    assert "selected_positions" not in fetched and num_items is None  # unknown before the forward: batch mean
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(0.3 <= entry["selection_ratio"] <= 0.45 for entry in logged)

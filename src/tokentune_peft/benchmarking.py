@@ -81,11 +81,14 @@ MIB = 2**20
 
 @dataclass
 class Setting:
-    """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing.
+    """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing, and
+    TokenTune's selection strategy ("+supervised", "+importance"; uniform by default).
 
     Example:
         >>> Setting.parse("tokentune-0.3+qlora+gc")
-        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True)
+        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True, selection='uniform')
+        >>> Setting.parse("tokentune-0.1+importance").selection
+        'importance'
         >>> Setting.parse("tokentune-0.3+lora").baseline
         'lora'
     """
@@ -94,6 +97,7 @@ class Setting:
     lora: bool = False
     quantized: bool = False
     checkpointing: bool = False
+    selection: str = "uniform"
 
     @classmethod
     def parse(cls, name: str) -> Setting:
@@ -106,8 +110,14 @@ class Setting:
         elif head != "full":
             raise ValueError(f"Unknown setting {name!r}: start with 'full', 'lora', 'qlora' or 'tokentune-<ratio>'.")
         for extra in extras:
+            if extra in ("supervised", "importance") and setting.ratio is not None:
+                setting.selection = extra
+                continue
             if extra not in ("lora", "qlora", "gc"):
-                raise ValueError(f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora' or '+gc'.")
+                raise ValueError(
+                    f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora', '+gc', or with TokenTune "
+                    "'+supervised' or '+importance'."
+                )
             setting.lora |= extra in ("lora", "qlora")
             setting.quantized |= extra == "qlora"
             setting.checkpointing |= extra == "gc"
@@ -169,7 +179,9 @@ def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dty
     model.config.use_cache = False
     adapter = LoraConfig(r=8, target_modules="all-linear", task_type=task) if setting.lora else None
     if setting.ratio is not None:
-        config = TokenTuneConfig(selection_ratio=setting.ratio, task_type=task, peft_config=adapter)
+        config = TokenTuneConfig(
+            selection_ratio=setting.ratio, task_type=task, peft_config=adapter, selection=setting.selection
+        )
         model = get_peft_model(model, config)
     elif adapter is not None:
         model = get_peft_model(model, adapter)
@@ -389,6 +401,8 @@ def plot(rows: list[dict], sweep: list[dict], output_dir: str, caption: str) -> 
         if "error" in row:
             continue
         setting = Setting.parse(row["setting"])
+        if setting.selection != "uniform":  # compared in the selection study's own report
+            continue
         families.setdefault(setting.baseline, {})[setting.ratio if setting.ratio is not None else 1.0] = row
     for key, label, name in [
         ("saved_activation_bytes", "saved activations (MiB)", "memory_vs_ratio.png"),

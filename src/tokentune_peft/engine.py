@@ -1,9 +1,11 @@
 """How a TokenTune training step runs.
 
-For a batch and its selected positions S:
+For a batch and its selected positions S (given with the batch, or chosen by the configured
+strategy, :mod:`tokentune_peft.selectors`):
 
 1. **Pass 1, no autograd, all tokens.** The model's backbone runs on the whole batch; every
-   self-attention records its keys, values and mask (:mod:`tokentune_peft.attention`).
+   self-attention records its keys, values and mask (:mod:`tokentune_peft.attention`). The
+   "importance" strategy draws S only now, from attention scores measured during this pass.
 2. **Pass 2, autograd, selected tokens only.** The whole model runs on the tokens in S, with their
    own ids, original position ids and token types. In each self-attention the selected tokens' keys
    and values are written into the recorded ones, so the selected queries attend to every token under
@@ -80,36 +82,9 @@ class TokenTuneEngine:
                 "(attention_mask == 0); pad encoder inputs on the right."
             )
         positions = self._full_position_ids(model, input_ids, position_ids)
-        observer = None
-        if selected_positions is not None:
-            selected_positions = selected_positions.to(input_ids.device)
-            validate_selected_positions(selected_positions, attention_mask)
-        elif self.selector.selects_in_forward:
-            observer = self.selector.importance_meter(model, input_ids, attention_mask, labels)
-        else:
-            selected_positions = self.sample(model, input_ids, attention_mask, labels=labels)
-        step = TokenTuneStep(seq_len, observer=observer)
-
-        with torch.no_grad():
-            base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            model.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                use_cache=False,
-                tokentune_step=step,
-                **base_inputs,
-            )
-        if step.num_recorded == 0:
-            raise RuntimeError(
-                "No attention call reached TokenTune's attention function: the model's attention does not go "
-                "through transformers' attention registry, or its attention implementation was changed after "
-                "wrapping."
-            )
-        if observer is not None:
-            selected_positions = self.sample(
-                model, input_ids, attention_mask, labels=labels, importance=observer.scores
-            )
+        step, selected_positions = self._pass_one(
+            model, input_ids, attention_mask, positions, token_type_ids, labels, selected_positions
+        )
         if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
             raise ValueError(
                 f"`selected_positions` must include the token the classification head reads, at positions "
@@ -146,6 +121,40 @@ class TokenTuneEngine:
             output = model(**inputs, labels=labels, **kwargs)
         output["selected_positions"] = selected_positions
         return output
+
+    def _pass_one(self, model, input_ids, attention_mask, positions, token_type_ids, labels, selected_positions):
+        """Pass 1 (no autograd, all tokens), and the positions pass 2 runs: given, sampled before
+        pass 1, or drawn from the importance pass 1 measured ("importance")."""
+        observer = None
+        if selected_positions is not None:
+            selected_positions = selected_positions.to(input_ids.device)
+            validate_selected_positions(selected_positions, attention_mask)
+        elif self.selector.selects_in_forward:
+            observer = self.selector.importance_meter(model, input_ids, attention_mask, labels)
+        else:
+            selected_positions = self.sample(model, input_ids, attention_mask, labels=labels)
+        step = TokenTuneStep(input_ids.shape[1], observer=observer)
+        with torch.no_grad():
+            base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=False,
+                tokentune_step=step,
+                **base_inputs,
+            )
+        if step.num_recorded == 0:
+            raise RuntimeError(
+                "No attention call reached TokenTune's attention function: the model's attention does not go "
+                "through transformers' attention registry, or its attention implementation was changed after "
+                "wrapping."
+            )
+        if observer is not None:
+            selected_positions = self.sample(
+                model, input_ids, attention_mask, labels=labels, importance=observer.scores
+            )
+        return step, selected_positions
 
     def sample(
         self,

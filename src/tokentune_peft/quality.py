@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     table, rows = classification_table(classification)
     caption = f"MiniLM-L6 on Rotten Tomatoes, {len(args.seeds)} seeds; {machine}"
     plot_accuracy_vs_memory(rows, os.path.join(args.output_dir, "accuracy_vs_memory.png"), caption)
-    command = "python scripts/quality.py " + " ".join(argv or [])
+    command = "python scripts/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = "\n".join(
         [
             "# Quality: TokenTune against full fine-tuning and LoRA",

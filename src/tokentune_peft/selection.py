@@ -14,9 +14,13 @@ PAD_POSITION = -1
 
 
 def selection_sizes(
-    attention_mask: torch.Tensor, selection_ratio: float | None = None, num_selected: int | None = None
+    attention_mask: torch.Tensor,
+    selection_ratio: float | None = None,
+    num_selected: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Number of tokens to select in each row: ``ceil(ratio * n)`` or ``min(k, n)`` for n real tokens.
+
+    ``num_selected`` is one k for every row, or a LongTensor [batch] of one k per row.
 
     Example:
         >>> selection_sizes(torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), selection_ratio=0.3).tolist()
@@ -37,7 +41,7 @@ def sample_positions(
     always_selected: torch.Tensor,
     generator: torch.Generator,
     selection_ratio: float | None = None,
-    num_selected: int | None = None,
+    num_selected: int | torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample positions among a row's real tokens, always including ``always_selected``.
@@ -50,7 +54,8 @@ def sample_positions(
         attention_mask: [batch, seq] 1 for real tokens, 0 for padding.
         always_selected: [batch, seq] bool, positions every selection must include.
         generator: the random generator (on CPU) that makes runs reproducible.
-        selection_ratio / num_selected: the budget, exactly one of them.
+        selection_ratio / num_selected: the budget, exactly one of them (``num_selected`` may be a
+            LongTensor [batch], one k per row).
         weights: [batch, seq] non-negative sampling weights, or None for uniform.
 
     Example:

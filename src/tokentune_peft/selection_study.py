@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -28,6 +29,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, HfArgumentParser
 
 from .benchmarking import machine_description
+from .config import DEFAULT_UNIFORM_SHARE
 from .quality import CONFIG_DIR, FULL_LR, run_setting
 from .recipes import parse_recipe
 from .train import load_datasets, load_model_and_tokenizer, wrap_model
@@ -47,9 +49,16 @@ class SelectionStudyArguments:
     output_dir: str = field(default="docs/selection", metadata={"help": "Where selection.md, results.json go."})
     runs_dir: str = field(default="outputs/selection", metadata={"help": "Where each run's own outputs go."})
     ratios: list[float] = field(default_factory=lambda: [0.1, 0.3], metadata={"help": "Selection ratios."})
+    tasks: list[str] = field(
+        default_factory=lambda: ["classification", "sft"], metadata={"help": "Tasks to run: classification, sft."}
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Classification seeds."})
+    sft_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "SFT seeds."})
     classification_train_samples: int = field(default=2000, metadata={"help": "Training reviews per run."})
     sft_train_samples: int = field(default=512, metadata={"help": "Training prompt/answer pairs per run."})
+    uniform_share: float | None = field(
+        default=None, metadata={"help": "uniform_share of 'supervised' and 'importance' (None: the default, 0.2)."}
+    )
     timing_rounds: int = field(default=10, metadata={"help": "Timed steps per strategy (interleaved rounds)."})
     quick: bool = field(default=False, metadata={"help": "Tiny random models and slices, for CI."})
 
@@ -69,11 +78,14 @@ def _config(task: str, quick: bool) -> str:
 
 def training_runs(task: str, args: SelectionStudyArguments) -> list[dict]:
     """The baseline without TokenTune, then every strategy at every ratio; one run per seed."""
-    seeds = args.seeds if task == "classification" else args.seeds[:1]
+    seeds = args.seeds if task == "classification" else args.sft_seeds
     settings = {"baseline": "--no_tokentune"}
     for ratio in args.ratios:
         for strategy in TASK_STRATEGIES[task]:
-            settings[f"{strategy} {ratio}"] = f"--selection {strategy} --selection_ratio {ratio}"
+            options = f"--selection {strategy} --selection_ratio {ratio}"
+            if strategy != "uniform" and args.uniform_share is not None:
+                options += f" --uniform_share {args.uniform_share}"
+            settings[f"{strategy} {ratio}"] = options
     runs = []
     for name, options in settings.items():
         for seed in seeds:
@@ -102,8 +114,9 @@ def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: floa
     batch = dict(collator([train[i] for i in range(rows)]))
     engine = model.base_model.tokentune_engine
     uniform = engine.selector
+    share = DEFAULT_UNIFORM_SHARE if args.uniform_share is None else args.uniform_share
     selectors = {
-        strategy: replace(uniform, strategy=strategy, uniform_share=0.0 if strategy == "uniform" else 0.2)
+        strategy: replace(uniform, strategy=strategy, uniform_share=0.0 if strategy == "uniform" else share)
         for strategy in TASK_STRATEGIES[task]
     }
     times: dict[str, list[float]] = {strategy: [] for strategy in selectors}
@@ -180,7 +193,8 @@ def plot(results: dict[str, list[dict]], ratios: list[float], path: str, caption
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    axes = axes[0]
     titles = {"classification": "MiniLM-L6, Rotten Tomatoes", "sft": "SmolLM2-135M + LoRA, chatterbot SFT"}
     labels = {"classification": "test accuracy (%)", "sft": "held-out answer loss"}
     for axis, (task, rows) in zip(axes, results.items(), strict=True):
@@ -213,8 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/selection_study.py``."""
     (args,) = HfArgumentParser(SelectionStudyArguments).parse_args_into_dataclasses(args=argv)
     start = time.perf_counter()
+    unknown = sorted(set(args.tasks) - set(CONFIGS))
+    if unknown:
+        raise ValueError(f"Unknown `tasks` {unknown}; choose among {sorted(CONFIGS)}.")
     tables, results, runs = {}, {}, {}
-    for task in ("classification", "sft"):
+    for task in args.tasks:
         timings = {str(ratio): interleaved_step_times(task, args, ratio) for ratio in args.ratios}
         runs[task] = training_runs(task, args)
         results[task] = summarise(task, runs[task], args, timings)
@@ -223,27 +240,18 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_description("cpu")
     os.makedirs(args.output_dir, exist_ok=True)
     plot(results, args.ratios, os.path.join(args.output_dir, "selection.png"), machine)
-    command = "python scripts/selection_study.py " + " ".join(argv or [])
-    report = "\n".join(
-        [
-            "# Token selection strategies at equal k",
-            "",
-            f"Command: `{command.strip()}`. Machine: {machine}. Total time: {minutes:.1f} minutes.",
-            "",
-            f"## Classification: MiniLM-L6 on Rotten Tomatoes, all weights ({args.classification_train_samples} "
-            f"reviews, one epoch; seeds {args.seeds}); baseline: full fine-tuning",
-            "",
-            tables["classification"],
-            "",
-            f"## SFT: SmolLM2-135M-Instruct + LoRA on chatterbot ({args.sft_train_samples} pairs, one epoch; "
-            f"seed {args.seeds[0]}); baseline: LoRA on every token",
-            "",
-            tables["sft"],
-            "",
-            "![strategies](selection.png)",
-            "",
-        ]
-    )
+    command = "python scripts/selection_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    headings = {
+        "classification": f"## Classification: MiniLM-L6 on Rotten Tomatoes, all weights "
+        f"({args.classification_train_samples} reviews, one epoch; seeds {args.seeds}); baseline: full fine-tuning",
+        "sft": f"## SFT: SmolLM2-135M-Instruct + LoRA on chatterbot ({args.sft_train_samples} pairs, one epoch; "
+        f"seeds {args.sft_seeds}); baseline: LoRA on every token",
+    }
+    lines = ["# Token selection strategies at equal k", ""]
+    lines.append(f"Command: `{command.strip()}`. Machine: {machine}. Total time: {minutes:.1f} minutes.")
+    for task in args.tasks:
+        lines += ["", headings[task], "", tables[task]]
+    report = "\n".join(lines + ["", "![strategies](selection.png)", ""])
     with open(os.path.join(args.output_dir, "selection.md"), "w") as handle:
         handle.write(report)
     with open(os.path.join(args.output_dir, "results.json"), "w") as handle:

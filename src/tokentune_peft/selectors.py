@@ -11,6 +11,25 @@ Strategies (``TokenTuneConfig(selection=...)``):
   score from pass 1 (:mod:`tokentune_peft.importance`), mixed with ``uniform_share`` of uniform
   probability so every token keeps a chance. It is chosen inside the training forward;
 * a callable ``selector(batch, k, generator) -> selected_positions`` (see :class:`TokenSelector`).
+
+Example: a custom selector that favours later tokens, and a model that trains with it.
+
+    >>> import tokentune_peft
+    >>> from peft import get_peft_model
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> def later_tokens_more_often(batch, k, generator):
+    ...     mask = batch["attention_mask"]
+    ...     weights = torch.arange(1.0, mask.shape[1] + 1).expand(mask.shape)
+    ...     return sample_positions(mask, batch["always_selected"], generator, num_selected=k, weights=weights)
+    >>> base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                     num_attention_heads=2, vocab_size=64, attn_implementation="sdpa"))
+    >>> config = tokentune_peft.TokenTuneConfig(task_type="CAUSAL_LM", num_selected=4,
+    ...                                         selection=later_tokens_more_often)
+    >>> model = get_peft_model(base, config).train()
+    >>> input_ids = torch.randint(0, 64, (2, 16))
+    >>> output = model(input_ids=input_ids, labels=input_ids)
+    >>> output.selected_positions.shape
+    torch.Size([2, 4])
 """
 
 from __future__ import annotations

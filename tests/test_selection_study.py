@@ -1,0 +1,45 @@
+"""The selection study's quick mode trains every strategy and writes a well-formed report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokentune_peft.selection_study import TASK_STRATEGIES, main
+
+from test_recipes import offline_installed
+
+
+@pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
+def test_quick_selection_study_writes_tables_timings_and_plot(tmp_path):
+    report_dir = tmp_path / "report"
+    main(
+        [
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--timing_rounds",
+            "1",
+            "--output_dir",
+            str(report_dir),
+            "--runs_dir",
+            str(tmp_path),
+        ]
+    )
+
+    results = json.loads((report_dir / "results.json").read_text())
+    for task, strategies in TASK_STRATEGIES.items():
+        expected = ["baseline"] + [f"{s} {ratio}" for ratio in (0.1, 0.3) for s in strategies]
+        rows = results["summary"][task]
+        assert [row["setting"] for row in rows] == expected
+        for row in rows[1:]:
+            assert row["timed_step_seconds"] > 0
+            if row["setting"].startswith("uniform"):  # the reference of both columns
+                assert row["timed_overhead"] == 0 and row["gap_closed"] in (0, None)
+    seeds = [run["seed"] for run in results["runs"]["classification"] if run["setting"] == "importance 0.1"]
+    assert seeds == [0, 1]
+    report = (report_dir / "selection.md").read_text()
+    assert "| importance 0.1 |" in report and "| supervised 0.3 |" in report
+    assert (report_dir / "selection.png").read_bytes()[:4] == b"\x89PNG"
