@@ -30,6 +30,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, HfArgu
 
 from .benchmarking import machine_description
 from .config import DEFAULT_UNIFORM_SHARE
+from .labels import IGNORE_INDEX, selected_targets
 from .quality import CONFIG_DIR, FULL_LR, run_setting
 from .recipes import parse_recipe
 from .train import load_datasets, load_model_and_tokenizer, wrap_model
@@ -60,6 +61,9 @@ class SelectionStudyArguments:
         default=None, metadata={"help": "uniform_share of 'supervised' and 'importance' (None: the default, 0.2)."}
     )
     timing_rounds: int = field(default=10, metadata={"help": "Timed steps per strategy (interleaved rounds)."})
+    timing_only: bool = field(
+        default=False, metadata={"help": "Only time the strategies' steps (writes timing.md and timing.json)."}
+    )
     quick: bool = field(default=False, metadata={"help": "Tiny random models and slices, for CI."})
 
 
@@ -95,8 +99,10 @@ def training_runs(task: str, args: SelectionStudyArguments) -> list[dict]:
     return runs
 
 
-def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: float) -> dict[str, float]:
-    """Median seconds of one training forward + backward per strategy, on one batch of the task."""
+def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: float) -> dict[str, dict[str, float]]:
+    """Per strategy, on one batch of the task: the median seconds of a training forward + backward
+    (``seconds``), and the share of selected positions whose loss term has a label
+    (``labelled_share``, over every timed step's draw)."""
     recipe, training = parse_recipe(
         _config(task, args.quick), f"{_common(task, args)} --selection_ratio {ratio} --output_dir unused".split()
     )
@@ -120,15 +126,27 @@ def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: floa
         for strategy in TASK_STRATEGIES[task]
     }
     times: dict[str, list[float]] = {strategy: [] for strategy in selectors}
+    labelled = dict.fromkeys(selectors, 0)
+    selected = dict.fromkeys(selectors, 0)
     for _ in range(args.timing_rounds + 1):  # the first round warms up and is dropped
         for strategy, selector in selectors.items():
             engine.selector = selector
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            model(**batch).loss.backward()
+            output = model(**batch)
+            output.loss.backward()
             times[strategy].append(time.perf_counter() - start)
+            targets = selected_targets(recipe.task_type, batch["labels"], output.selected_positions)
+            labelled[strategy] += int((targets != IGNORE_INDEX).sum())
+            selected[strategy] += int((output.selected_positions >= 0).sum())
     engine.selector = uniform
-    return {strategy: statistics.median(values[1:]) for strategy, values in times.items()}
+    return {
+        strategy: {
+            "seconds": statistics.median(times[strategy][1:]),
+            "labelled_share": labelled[strategy] / selected[strategy],
+        }
+        for strategy in selectors
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -160,8 +178,9 @@ def summarise(task: str, runs: list[dict], args: SelectionStudyArguments, timing
             gap = baseline - uniform
             row["gap_closed"] = (mean - uniform) / gap if gap else None
             step = timings[ratio]
-            row["timed_step_seconds"] = step[strategy]
-            row["timed_overhead"] = step[strategy] / step["uniform"] - 1
+            row["timed_step_seconds"] = step[strategy]["seconds"]
+            row["timed_overhead"] = step[strategy]["seconds"] / step["uniform"]["seconds"] - 1
+            row["labelled_share"] = step[strategy]["labelled_share"]
         rows.append(row)
     return rows
 
@@ -172,17 +191,19 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     digits = 2 if task == "classification" else 4
     lines = [
         f"| setting | {name} | per seed | gap to baseline closed | step time, timed (s) | vs uniform "
-        "| s/step in the run | activation MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| selected positions with a loss term | s/step in the run | activation MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         values = ", ".join(f"{scale * v:.{digits}f}" for v in row["values"])
         closed = "" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         timed = "" if "timed_step_seconds" not in row else f"{row['timed_step_seconds']:.3f}"
         overhead = "" if "timed_overhead" not in row else f"{100 * row['timed_overhead']:+.1f}%"
+        labelled = "" if "labelled_share" not in row else f"{100 * row['labelled_share']:.0f}%"
         lines.append(
             f"| {row['setting']} | {scale * row['mean']:.{digits}f} ± {scale * row['std']:.{digits}f} | {values} "
-            f"| {closed} | {timed} | {overhead} | {row['seconds_per_step']:.3f} | {row['activation_mib']:.1f} |"
+            f"| {closed} | {timed} | {overhead} | {labelled} | {row['seconds_per_step']:.3f} "
+            f"| {row['activation_mib']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -209,6 +230,7 @@ def plot(results: dict[str, list[dict]], ratios: list[float], path: str, caption
                 marker="o",
                 capsize=4,
                 label=strategy,
+                color=f"C{STRATEGIES.index(strategy)}",
             )
         baseline_name = "full fine-tuning" if task == "classification" else "LoRA, every token"
         axis.axhline(scale * by_name["baseline"]["mean"], color="black", linestyle="--", label=baseline_name)
@@ -223,6 +245,42 @@ def plot(results: dict[str, list[dict]], ratios: list[float], path: str, caption
     plt.close(figure)
 
 
+def write_timing_report(args: SelectionStudyArguments, argv: list[str] | None) -> None:
+    """Time every strategy against uniform on each task and ratio; write timing.md and timing.json."""
+    start = time.perf_counter()
+    timings = {
+        task: {str(ratio): interleaved_step_times(task, args, ratio) for ratio in args.ratios} for task in args.tasks
+    }
+    lines = [
+        "| task | ratio | selection | step time, timed (s) | vs uniform | selected positions with a loss term |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for task, by_ratio in timings.items():
+        for ratio, steps in by_ratio.items():
+            for strategy, step in steps.items():
+                overhead = step["seconds"] / steps["uniform"]["seconds"] - 1
+                lines.append(
+                    f"| {task} | {ratio} | {strategy} | {step['seconds']:.3f} | {100 * overhead:+.1f}% "
+                    f"| {100 * step['labelled_share']:.0f}% |"
+                )
+    command = "python scripts/selection_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = machine_description("cpu")
+    minutes = (time.perf_counter() - start) / 60
+    header = [
+        "# Step time of the selection strategies",
+        "",
+        f"Command: `{command.strip()}`. Machine: {machine}. Total time: {minutes:.1f} minutes. Median of "
+        f"{args.timing_rounds} interleaved rounds of one training forward + backward on one batch.",
+        "",
+    ]
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "timing.md"), "w") as handle:
+        handle.write("\n".join(header + lines) + "\n")
+    with open(os.path.join(args.output_dir, "timing.json"), "w") as handle:
+        json.dump({"arguments": asdict(args), "machine": machine, "timings": timings}, handle, indent=2)
+    print("\n".join(header + lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/selection_study.py``."""
     (args,) = HfArgumentParser(SelectionStudyArguments).parse_args_into_dataclasses(args=argv)
@@ -230,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.tasks) - set(CONFIGS))
     if unknown:
         raise ValueError(f"Unknown `tasks` {unknown}; choose among {sorted(CONFIGS)}.")
+    if args.timing_only:
+        return write_timing_report(args, argv)
     tables, results, runs = {}, {}, {}
     for task in args.tasks:
         timings = {str(ratio): interleaved_step_times(task, args, ratio) for ratio in args.ratios}
