@@ -182,6 +182,16 @@ def plot_accuracy_vs_memory(rows: list[dict], path: str, caption: str) -> None:
     plt.close(figure)
 
 
+def write_report(output_dir: str, report_name: str, report: str, data_name: str, data: dict) -> None:
+    """Write the Markdown report and its data (JSON) into ``output_dir``, and print the report."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, report_name), "w") as handle:
+        handle.write(report)
+    with open(os.path.join(output_dir, data_name), "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+    print(report)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/quality.py``."""
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
@@ -222,22 +232,14 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
-    with open(os.path.join(args.output_dir, "quality.md"), "w") as handle:
-        handle.write(report)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-        json.dump(
-            {
-                "arguments": asdict(args),
-                "machine": machine,
-                "minutes": total_minutes,
-                "classification": classification,
-                "sft": sft,
-            },
-            handle,
-            indent=2,
-            default=str,
-        )
-    print(report)
+    data = {
+        "arguments": asdict(args),
+        "machine": machine,
+        "minutes": total_minutes,
+        "classification": classification,
+        "sft": sft,
+    }
+    write_report(args.output_dir, "quality.md", report, "results.json", data)
 
 
 if __name__ == "__main__":

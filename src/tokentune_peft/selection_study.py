@@ -18,7 +18,6 @@ It writes ``selection.md``, ``results.json`` and ``selection.png`` into ``output
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, HfArgu
 from .benchmarking import machine_description
 from .config import DEFAULT_UNIFORM_SHARE
 from .labels import IGNORE_INDEX, selected_targets
-from .quality import CONFIG_DIR, FULL_LR, run_setting
+from .quality import CONFIG_DIR, FULL_LR, run_setting, write_report
 from .recipes import parse_recipe
 from .train import load_datasets, load_model_and_tokenizer, wrap_model
 
@@ -273,12 +272,8 @@ def write_timing_report(args: SelectionStudyArguments, argv: list[str] | None) -
         f"{args.timing_rounds} interleaved rounds of one training forward + backward on one batch.",
         "",
     ]
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "timing.md"), "w") as handle:
-        handle.write("\n".join(header + lines) + "\n")
-    with open(os.path.join(args.output_dir, "timing.json"), "w") as handle:
-        json.dump({"arguments": asdict(args), "machine": machine, "timings": timings}, handle, indent=2)
-    print("\n".join(header + lines))
+    data = {"arguments": asdict(args), "machine": machine, "timings": timings}
+    write_report(args.output_dir, "timing.md", "\n".join(header + lines) + "\n", "timing.json", data)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,16 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks:
         lines += ["", headings[task], "", tables[task]]
     report = "\n".join(lines + ["", "![strategies](selection.png)", ""])
-    with open(os.path.join(args.output_dir, "selection.md"), "w") as handle:
-        handle.write(report)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-        json.dump(
-            {"arguments": asdict(args), "machine": machine, "minutes": minutes, "summary": results, "runs": runs},
-            handle,
-            indent=2,
-            default=str,
-        )
-    print(report)
+    data = {"arguments": asdict(args), "machine": machine, "minutes": minutes, "summary": results, "runs": runs}
+    write_report(args.output_dir, "selection.md", report, "results.json", data)
 
 
 if __name__ == "__main__":

@@ -114,9 +114,10 @@ class TokenTuneTrainer(Trainer):
             }
         else:
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        mask = inputs.get("attention_mask")
-        self._selected_tokens += int((outputs["selected_positions"] >= 0).sum())
-        self._real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        selected, mask = outputs.get("selected_positions"), inputs.get("attention_mask")
+        if selected is not None:  # absent when the forward ran without autograd (a plain forward)
+            self._selected_tokens += int((selected >= 0).sum())
+            self._real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return (loss, outputs) if return_outputs else loss
 
     def _full_fine_tuning_bytes(self, model: nn.Module, inputs: dict) -> int:
