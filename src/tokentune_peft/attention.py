@@ -105,7 +105,7 @@ def allowed_keys(
 class PassOneObserver(Protocol):
     """Something that looks at every self-attention call of pass 1 (e.g. to score tokens)."""
 
-    def observe(self, module: nn.Module, query, key, value, mask, is_causal: bool, scaling: float | None) -> None: ...
+    def observe(self, query, key, value, mask, is_causal: bool, scaling: float | None) -> None: ...
 
 
 @dataclass
@@ -139,7 +139,7 @@ class TokenTuneStep:
         self.values[module] = value.clone() if value._is_view() else value
         self.masks[module] = (mask, is_causal)
         if self.observer is not None:
-            self.observer.observe(module, query, key, value, mask, is_causal, scaling)
+            self.observer.observe(query, key, value, mask, is_causal, scaling)
 
     def select(self, selected_positions: torch.Tensor) -> None:
         """End pass 1: pass 2 runs the tokens at ``selected_positions`` ([batch, k], -1 padded)."""

@@ -165,7 +165,7 @@ class TokenTuneConfig(PeftConfig):
     def _check_selection(self) -> None:
         if isinstance(self.selection, str) and self.selection.startswith(CUSTOM_SELECTION_PREFIX):
             raise ValueError(
-                f"This config was trained with a custom selector ({self.selection[len(CUSTOM_SELECTION_PREFIX) :]}); "
+                f"This config was trained with a custom selector ({self.selection[len(CUSTOM_SELECTION_PREFIX) :]}), "
                 "which JSON cannot hold; pass the function again: "
                 "TokenTuneConfig.from_pretrained(folder, selection=my_selector)."
             )

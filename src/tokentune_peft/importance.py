@@ -13,7 +13,6 @@ already computed; at most :data:`MAX_READERS` readers per row keep it small.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .attention import allowed_keys
 from .selection import PAD_POSITION
@@ -32,7 +31,7 @@ class AttentionImportance:
         >>> meter = AttentionImportance(torch.tensor([[2]]))
         >>> query = torch.zeros(1, 1, 3, 4); key = torch.zeros(1, 1, 3, 4)
         >>> value = torch.tensor([[[[0.0] * 4, [1.0] * 4, [3.0] * 4]]])  # value norms 0, 2, 6
-        >>> meter.observe(None, query, key, value, None, True, None)
+        >>> meter.observe(query, key, value, None, True, None)
         >>> meter.scores.tolist()  # equal attention, so the scores follow the value norms
         [[0.0, 0.25, 0.75]]
     """
@@ -41,7 +40,7 @@ class AttentionImportance:
         self.readers = readers
         self.scores: torch.Tensor | None = None
 
-    def observe(self, module: nn.Module | None, query, key, value, mask, is_causal: bool, scaling) -> None:
+    def observe(self, query, key, value, mask, is_causal: bool, scaling) -> None:
         """Add one attention call's scores: query [B, H, N, D], key/value [B, H_kv, N, D]."""
         batch, heads, seq_len, head_dim = query.shape
         valid = self.readers != PAD_POSITION

@@ -25,14 +25,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, HfArgumentParser
+from transformers import HfArgumentParser
 
 from .benchmarking import machine_description
 from .config import DEFAULT_UNIFORM_SHARE
 from .labels import IGNORE_INDEX, selected_targets
 from .quality import CONFIG_DIR, FULL_LR, run_setting, write_report
 from .recipes import parse_recipe
-from .train import load_datasets, load_model_and_tokenizer, wrap_model
+from .train import load_datasets, load_model_and_tokenizer, make_collator, wrap_model
 
 STRATEGIES = ("uniform", "supervised", "importance")
 #: Strategies that differ on each task (SEQ_CLS: "supervised" is "uniform").
@@ -110,11 +110,7 @@ def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: floa
     train = load_datasets(recipe, tokenizer)["train"]
     model = wrap_model(model, recipe)
     model.train()
-    collator = (
-        DataCollatorWithPadding(tokenizer)
-        if recipe.task_type == "SEQ_CLS"
-        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    )
+    collator = make_collator(recipe, tokenizer)
     rows = min(training.per_device_train_batch_size, len(train))
     batch = dict(collator([train[i] for i in range(rows)]))
     engine = model.base_model.tokentune_engine

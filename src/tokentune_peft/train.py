@@ -35,6 +35,7 @@ from transformers import (
 
 from . import offline
 from .config import TokenTuneConfig
+from .labels import IGNORE_INDEX
 from .memory import saved_activation_bytes
 from .recipes import RecipeArguments, parse_recipe, recipe_parser
 from .trainer import TokenTuneTrainer
@@ -178,6 +179,13 @@ def activation_memory(trainer: Trainer, model, batch: dict) -> dict[str, float]:
     }
 
 
+def make_collator(recipe: RecipeArguments, tokenizer):
+    """The collator that pads a recipe's batches (labels padded with -100 for token-level tasks)."""
+    if recipe.task_type == "SEQ_CLS":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+
+
 def run(recipe: RecipeArguments, training) -> dict[str, Any]:
     """Run one recipe; returns what it writes to ``results.json``."""
     set_seed(training.seed)  # the new head's initialisation too
@@ -185,11 +193,7 @@ def run(recipe: RecipeArguments, training) -> dict[str, Any]:
     datasets = load_datasets(recipe, tokenizer)
     held_out = datasets["test"]
     classification = recipe.task_type == "SEQ_CLS"
-    collator = (
-        DataCollatorWithPadding(tokenizer)
-        if classification
-        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    )
+    collator = make_collator(recipe, tokenizer)
     model = wrap_model(model, recipe)
     trainer_class = TokenTuneTrainer if recipe.tokentune else Trainer
     trainer = trainer_class(
