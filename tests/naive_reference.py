@@ -4,7 +4,8 @@ It runs the stock model on the full sequence, with:
 1. every transformer layer's input detached at rows outside S (a forward pre-hook on each layer);
 2. inside every self-attention, keys and values of positions outside S detached (an attention
    function that wraps transformers' own sdpa), under the model's own masks;
-3. the loss taken on positions in S only.
+3. the loss taken on positions in S only; for mixture-of-experts models that return router logits,
+   plus ``router_aux_loss_coef`` x the router's load-balancing loss over the tokens in S.
 It shares no code with tokentune_peft.
 """
 
@@ -16,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 _current_selection: dict[str, torch.Tensor] = {}
 
@@ -62,9 +64,11 @@ def naive_tokentune_loss(model: nn.Module, batch: dict, selected_positions: torc
     ]
     try:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if task == "CAUSAL_LM":
+            inputs["use_cache"] = False  # with a cache, transformers would let packed documents attend to each other
         if task == "SEQ_CLS":
             return model(**inputs, labels=batch["labels"]).loss
-        logits = model(**inputs).logits
+        outputs = model(**inputs)
     finally:
         for hook in hooks:
             hook.remove()
@@ -73,4 +77,10 @@ def naive_tokentune_loss(model: nn.Module, batch: dict, selected_positions: torc
     if task == "CAUSAL_LM":
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     targets = torch.where(in_s, labels, torch.full_like(labels, -100))
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    logits = outputs.logits
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    if getattr(outputs, "router_logits", None) is not None:
+        loss = loss + model.config.router_aux_loss_coef * load_balancing_loss_func(
+            outputs.router_logits, model.num_experts, model.num_experts_per_tok, in_s.long()
+        )
+    return loss

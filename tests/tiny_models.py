@@ -15,8 +15,13 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    ModernBertConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
     RobertaConfig,
 )
 
@@ -42,6 +47,17 @@ ENCODER = dict(
     attention_probs_dropout_prob=0.0,
 )
 
+#: Mixture-of-experts decoders, their router's load-balancing loss on (coefficient 0.1).
+MOE = dict(
+    DECODER,
+    moe_intermediate_size=64,
+    num_local_experts=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    output_router_logits=True,
+    router_aux_loss_coef=0.1,
+)
+
 CONFIGS = {
     "llama": lambda: LlamaConfig(**DECODER),
     "mistral": lambda: MistralConfig(**DECODER, sliding_window=4),
@@ -58,11 +74,18 @@ CONFIGS = {
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     ),
+    "mixtral": lambda: MixtralConfig(**MOE),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**MOE, shared_expert_intermediate_size=64),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**MOE, head_dim=16),
     "bert": lambda: BertConfig(**ENCODER, pad_token_id=PAD),
+    "modernbert": lambda: ModernBertConfig(
+        **ENCODER, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2
+    ),
     "roberta": lambda: RobertaConfig(**ENCODER, pad_token_id=1, max_position_embeddings=130),
 }
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
-ENCODERS = ("bert", "roberta")
+MOE_DECODERS = ("mixtral", "qwen2_moe", "qwen3_moe")
+ENCODERS = ("bert", "roberta", "modernbert")
 AUTO_CLASSES = {
     "CAUSAL_LM": AutoModelForCausalLM,
     "SEQ_CLS": AutoModelForSequenceClassification,
@@ -137,3 +160,14 @@ def fixed_selection(batch: dict, arch: str, task: str, model) -> torch.Tensor:
         rows.append(sorted(chosen))
     width = max(len(r) for r in rows)
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer for lower-case English text, ids below ``VOCAB`` (0 pads, 1 ends)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    characters = "abcdefghijklmnopqrstuvwxyz ?.!,'"
+    vocab = {"<pad>": PAD, "<eos>": 1, **{c: i + 2 for i, c in enumerate(characters)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")

@@ -41,6 +41,38 @@ def check_model_supported(model: nn.Module) -> None:
             raise ValueError(f"TokenTune does not support attention sinks (parameter {name!r}).")
 
 
+#: Config fields through which a sequence-classification head pools over many tokens, and the values that
+#: read one token instead.
+_POOLING_OPTIONS = {"classifier_pooling": ("cls",), "summary_type": ("first", "last", "cls_index")}
+
+
+def check_head_supported(model: nn.Module, task_type: str | None) -> None:
+    """Raise ValueError when the task head reads more tokens than TokenTune always selects.
+
+    A sequence-classification head that pools over the sequence (mean pooling and the like) would see
+    only the selected slots, padded slots included: the loss would be silently wrong.
+
+    Example:
+        >>> from transformers import ModernBertConfig, ModernBertForSequenceClassification
+        >>> model = ModernBertForSequenceClassification(ModernBertConfig(hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=1, num_attention_heads=2, vocab_size=64, pad_token_id=0, classifier_pooling="mean"))
+        >>> check_head_supported(model, "SEQ_CLS")
+        Traceback (most recent call last):
+        ...
+        ValueError: The classification head pools over many tokens (config.classifier_pooling='mean'), ...
+    """
+    if task_type != "SEQ_CLS":
+        return
+    for option, single_token in _POOLING_OPTIONS.items():
+        value = getattr(model.config, option, None)
+        if value is not None and value not in single_token:
+            raise ValueError(
+                f"The classification head pools over many tokens (config.{option}={value!r}), while TokenTune "
+                f"runs it on the selected ones only. Set {option} to one of {single_token}, e.g. "
+                f"{type(model.config).__name__}(..., {option}={single_token[0]!r}), before get_peft_model."
+            )
+
+
 def is_decoder(model: nn.Module) -> bool:
     """Whether the model's self-attention is causal (a decoder) rather than bidirectional (an encoder).
 

@@ -32,6 +32,45 @@ from .labels import IGNORE_INDEX, selected_targets
 from .selection import PAD_POSITION, validate_selected_positions
 from .selectors import TokenSelector
 
+#: Flash-attention "varlen" inputs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
+FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+UNSUPPORTED_INPUTS = {
+    "past_key_values": "It trains on whole sequences, without a cache.",
+    "encoder_hidden_states": "Cross-attention is not supported.",
+    "shift_labels": "Pass `labels`: TokenTune aligns the targets with the selected positions itself.",
+}
+
+
+def drop_varlen_boundaries(kwargs: dict, position_ids: torch.Tensor | None) -> None:
+    """Remove flash-attention "varlen" document boundaries from ``kwargs`` when ``position_ids`` say the same.
+
+    TokenTune runs on sdpa or eager attention, which ignore these keywords: the stock model keeps packed
+    documents apart by ``position_ids`` that restart at 0 per document (with no ``attention_mask``), and so
+    does TokenTune. Boundaries that disagree with the position ids are refused: no sdpa model honours them.
+
+    Example:
+        >>> kwargs = {"cu_seq_lens_q": torch.tensor([0, 2, 5]), "max_length_q": 3}
+        >>> drop_varlen_boundaries(kwargs, torch.tensor([[0, 1, 0, 1, 2]]))
+        >>> kwargs
+        {}
+    """
+    given = {name: kwargs.pop(name) for name in FLASH_VARLEN_KWARGS if kwargs.get(name) is not None}
+    if not given:
+        return
+    documents = None
+    if position_ids is not None:
+        flat = position_ids.flatten()
+        starts = (flat == 0).nonzero().flatten()
+        documents = torch.cat([starts, starts.new_tensor([flat.numel()])])
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        boundaries = given.get(name)
+        if boundaries is not None and (documents is None or not torch.equal(boundaries.to(documents), documents)):
+            raise ValueError(
+                f"`{name}` gives document boundaries that `position_ids` do not repeat. TokenTune runs on sdpa or "
+                "eager attention, which separate packed documents by `position_ids` restarting at 0 per document "
+                "(with no `attention_mask`); pass those."
+            )
+
 
 @dataclass
 class TokenTuneEngine:
@@ -58,32 +97,34 @@ class TokenTuneEngine:
         selected_positions: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        tokentune_trainer: bool = False,
         **kwargs: Any,
     ) -> ModelOutput:
-        if input_ids is None:
-            raise ValueError("A TokenTune training step needs `input_ids`; `inputs_embeds` is not supported.")
-        for name in ("past_key_values", "encoder_hidden_states"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"A TokenTune training step does not take `{name}`.")
+        """One TokenTune step of ``model`` (a transformers model) on a batch.
+
+        ``attention_mask`` may be None, as in packed batches whose ``position_ids`` restart at 0 per
+        document: pass 1 then builds the model's own per-document mask. ``tokentune_trainer`` is set by
+        :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin`, whose loss count covers the selected
+        tokens only. Other keywords (``num_items_in_batch``, ``output_router_logits``, TRL's
+        ``fused_lm_head``...) reach the model's forward in pass 2, which computes its own loss on the
+        selected slots.
+        """
+        self._check_inputs(input_ids, attention_mask, labels, kwargs)
         kwargs.pop("use_cache", None)
+        drop_varlen_boundaries(kwargs, position_ids)
         batch, seq_len = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        self._check_labels(labels, input_ids)
-        head = self.selector.head_positions(model, input_ids, attention_mask)
-        if head is not None and not attention_mask.gather(1, head[:, None]).all():
+        real_tokens = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        head = self.selector.head_positions(model, input_ids, real_tokens)
+        if head is not None and not real_tokens.gather(1, head[:, None]).all():
             raise ValueError(
                 f"The classification head reads positions {head.tolist()}, and some are padding "
                 "(attention_mask == 0); pad encoder inputs on the right."
             )
+        if selected_positions is None:
+            self._check_loss_count(tokentune_trainer, kwargs)
         positions = self._full_position_ids(model, input_ids, position_ids)
         step, selected_positions = self._pass_one(
-            model, input_ids, attention_mask, positions, token_type_ids, labels, selected_positions
+            model, input_ids, attention_mask, real_tokens, positions, token_type_ids, labels, selected_positions
         )
         if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
             raise ValueError(
@@ -100,39 +141,86 @@ class TokenTuneEngine:
             selected_ids = selected_ids.masked_fill(~valid, pad_id)
         inputs = {
             "input_ids": selected_ids,
+            # Which slots hold a token. The selected queries' attention uses the recorded masks; this one is
+            # for what the model computes per token, such as an MoE router's load-balancing loss.
+            "attention_mask": valid.long(),
             "position_ids": positions.gather(1, slots),
             "use_cache": False,
             "tokentune_step": step,
         }
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids.expand(batch, seq_len).gather(1, slots)
-        if self.task_type == TaskType.CAUSAL_LM:
-            num_items = kwargs.pop("num_items_in_batch", None)
-            output = model(**inputs, **kwargs)
-            if labels is not None:
-                targets = selected_targets(self.task_type, labels, selected_positions)
-                output["loss"] = self._causal_lm_loss(model, output.logits, targets, num_items)
-        elif self.task_type == TaskType.TOKEN_CLS and labels is not None:
+        supervised = True
+        if labels is not None:
             targets = selected_targets(self.task_type, labels, selected_positions)
-            output = model(**inputs, labels=targets, **kwargs)
-            if not (targets != IGNORE_INDEX).any():
-                output["loss"] = output.logits.sum() * 0.0
-        else:
-            output = model(**inputs, labels=labels, **kwargs)
+            inputs["labels"] = targets
+            if self.task_type == TaskType.CAUSAL_LM:
+                inputs["shift_labels"] = targets  # aligned with the slots: nothing shifts across non-neighbours
+            if self.task_type != TaskType.SEQ_CLS:
+                supervised = bool((targets != IGNORE_INDEX).any())
+                if not supervised and kwargs.get("num_items_in_batch") is None:
+                    kwargs["num_items_in_batch"] = 1  # a sum over no terms: zero loss, not 0 / 0
+        output = model(**inputs, **kwargs)
+        if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
+            output["loss"] = output["logits"].sum() * 0.0
         output["selected_positions"] = selected_positions
         return output
 
-    def _pass_one(self, model, input_ids, attention_mask, positions, token_type_ids, labels, selected_positions):
+    def _check_inputs(self, input_ids, attention_mask, labels, kwargs: dict) -> None:
+        if input_ids is None:
+            raise ValueError("A TokenTune training step needs `input_ids`; `inputs_embeds` is not supported.")
+        for name in ("past_key_values", "encoder_hidden_states", "shift_labels"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"A TokenTune training step does not take `{name}`. {UNSUPPORTED_INPUTS[name]}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        if labels is not None and labels.dim() == 2 and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"`labels` of shape {tuple(labels.shape)} do not match `input_ids` {tuple(input_ids.shape)}."
+            )
+
+    def _check_loss_count(self, tokentune_trainer: bool, kwargs: dict) -> None:
+        """Refuse a caller whose loss count cannot be over the selected tokens.
+
+        Positions drawn in this forward are unknown to the caller, so a ``num_items_in_batch`` it
+        passes counts every supervised token, and TRL's trainers divide the fused head's losses by such
+        a count outside the model: the loss would shrink by about the ratio, silently.
+        """
+        if tokentune_trainer or self.task_type == TaskType.SEQ_CLS:  # a sequence loss does not count tokens
+            return
+        if kwargs.get("fused_lm_head"):
+            raise ValueError(
+                "TRL's trainers normalise the loss by a count of every supervised token, while TokenTune trains "
+                "on the selected ones. Use tokentune_peft.sft_trainer.TokenTuneSFTTrainer instead of SFTTrainer "
+                "(or mix tokentune_peft.trainer.TokenTuneTrainerMixin into your TRL trainer)."
+            )
+        if kwargs.get("num_items_in_batch") is not None:
+            raise ValueError(
+                "`num_items_in_batch` was given for a step whose positions are drawn in this forward, so it counts "
+                "every supervised token, not the selected ones; the loss would shrink by about the selection ratio. "
+                "Train with tokentune_peft.trainer.TokenTuneTrainer (or mix TokenTuneTrainerMixin into your "
+                "Trainer subclass), or pass `selected_positions` and count their supervised tokens."
+            )
+
+    def _pass_one(
+        self, model, input_ids, attention_mask, real_tokens, positions, token_type_ids, labels, selected_positions
+    ):
         """Pass 1 (no autograd, all tokens), and the positions pass 2 runs: given, sampled before
-        pass 1, or drawn from the importance pass 1 measured ("importance")."""
+        pass 1, or drawn from the importance pass 1 measured ("importance").
+
+        Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
+        (per document in a packed batch); selection counts ``real_tokens``."""
         observer = None
         if selected_positions is not None:
             selected_positions = selected_positions.to(input_ids.device)
-            validate_selected_positions(selected_positions, attention_mask)
+            validate_selected_positions(selected_positions, real_tokens)
         elif self.selector.selects_in_forward:
-            observer = self.selector.importance_meter(model, input_ids, attention_mask, labels)
+            observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
         else:
-            selected_positions = self.sample(model, input_ids, attention_mask, labels=labels)
+            selected_positions = self.sample(model, input_ids, real_tokens, labels=labels)
         step = TokenTuneStep(input_ids.shape[1], observer=observer)
         with torch.no_grad():
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
@@ -151,9 +239,7 @@ class TokenTuneEngine:
                 "wrapping."
             )
         if observer is not None:
-            selected_positions = self.sample(
-                model, input_ids, attention_mask, labels=labels, importance=observer.scores
-            )
+            selected_positions = self.sample(model, input_ids, real_tokens, labels=labels, importance=observer.scores)
         return step, selected_positions
 
     def sample(
@@ -173,15 +259,6 @@ class TokenTuneEngine:
         return self.selector.sample(model, input_ids, attention_mask, labels, generator, importance)
 
     @staticmethod
-    def _check_labels(labels: torch.Tensor | None, input_ids: torch.Tensor) -> None:
-        if labels is None:
-            return
-        if labels.dim() == 2 and labels.shape != input_ids.shape:
-            raise ValueError(
-                f"`labels` of shape {tuple(labels.shape)} do not match `input_ids` {tuple(input_ids.shape)}."
-            )
-
-    @staticmethod
     def _full_position_ids(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
         """Position ids of every token, as the model would compute them when none are given."""
         batch, seq_len = input_ids.shape
@@ -196,15 +273,3 @@ class TokenTuneEngine:
         if from_ids is not None:  # RoBERTa family: positions skip padding and start after padding_idx
             return from_ids(input_ids, embeddings.padding_idx)
         return torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
-
-    @staticmethod
-    def _causal_lm_loss(model, logits, targets, num_items_in_batch) -> torch.Tensor:
-        if not (targets != IGNORE_INDEX).any():
-            return logits.sum() * 0.0  # no supervised token selected: zero loss, not NaN
-        return model.loss_function(
-            logits=logits,
-            labels=None,
-            vocab_size=logits.shape[-1],
-            shift_labels=targets,
-            num_items_in_batch=num_items_in_batch,
-        )

@@ -131,6 +131,11 @@ class TokenSelector:
             )
         return sample_positions(attention_mask, always, generator, **budget)
 
+    def budget(self, model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """k per row (LongTensor [batch]): the number of positions every strategy selects in this batch."""
+        always = self.always_selected(model, input_ids, attention_mask)
+        return selection_budget(attention_mask, always, self.selection_ratio, self.num_selected)
+
     def importance_meter(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
     ) -> AttentionImportance:

@@ -1,9 +1,10 @@
-"""`TokenTuneTrainer`: the Hugging Face Trainer, with TokenTune's positions chosen per batch."""
+"""TokenTune in the Hugging Face Trainer: a mixin for any ``Trainer`` subclass, and ``TokenTuneTrainer``."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import safetensors.torch
@@ -12,6 +13,7 @@ from peft import PeftModel
 from peft.utils import TaskType
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .engine import TokenTuneEngine
@@ -31,7 +33,7 @@ def tokentune_engine_of(model: nn.Module) -> TokenTuneEngine:
     tuner = getattr(model, "base_model", None) if isinstance(model, PeftModel) else None
     if not isinstance(tuner, (TokenTuneModel, TokenTuneLoraModel)):
         raise TypeError(
-            f"TokenTuneTrainer needs a model wrapped with TokenTune; got {type(model).__name__}. Wrap it first:\n"
+            f"A TokenTune trainer needs a model wrapped with TokenTune; got {type(model).__name__}. Wrap it first:\n"
             "    import tokentune_peft\n"
             "    from peft import get_peft_model\n"
             "    model = get_peft_model(model, tokentune_peft.TokenTuneConfig(selection_ratio=0.3, task_type=...))"
@@ -39,35 +41,74 @@ def tokentune_engine_of(model: nn.Module) -> TokenTuneEngine:
     return tuner.tokentune_engine
 
 
-class TokenTuneTrainer(Trainer):
-    """A `Trainer` that back-propagates through k sampled token positions per sequence.
+@dataclass
+class SelectedTargetsLabelSmoother(LabelSmoother):
+    """The Trainer's label smoothing, on the targets of a TokenTune step's selected slots.
 
-    It takes the same arguments as `Trainer`. For each batch it samples the positions by the
-    config's ``selection`` strategy (always including the token the task head reads; a batch that
-    brings ``selected_positions`` keeps them) with its own generator, seeded from
-    ``args.seed`` and the process index and saved in checkpoints, so runs and resumed runs are
-    reproducible. The loss is normalised by the number of selected supervised tokens, which keeps
-    gradient accumulation and several processes exact. Logs add the selection ratio in force and the
-    activation memory of one step against full fine-tuning.
+    A TokenTune step returns logits for its selected slots only; the Trainer hands the smoother the
+    whole sequence's labels. This smoother picks the targets of the slots (for causal LM the next
+    token's label, already shifted) and smooths over them. Outputs without ``selected_positions``
+    (evaluation) are smoothed as the stock smoother does.
 
     Example:
-        >>> import tokentune_peft
-        >>> from peft import get_peft_model
-        >>> from transformers import TrainingArguments
-        >>> model = get_peft_model(base_model, tokentune_peft.TokenTuneConfig(task_type="CAUSAL_LM"))  # doctest: +SKIP
-        >>> trainer = TokenTuneTrainer(model=model, args=TrainingArguments("out"), train_dataset=data)  # doctest: +SKIP
-        >>> trainer.train()  # doctest: +SKIP
+        >>> smoother = SelectedTargetsLabelSmoother(epsilon=0.1, task_type="CAUSAL_LM")
+        >>> output = {"logits": torch.zeros(1, 2, 4), "selected_positions": torch.tensor([[0, 2]])}
+        >>> round(float(smoother(output, torch.tensor([[1, 2, 3, 0]]), shift_labels=True)), 4)
+        1.3863
     """
 
-    def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
-        self.tokentune_engine = tokentune_engine_of(model)
-        super().__init__(model, *args, **kwargs)
+    task_type: str = TaskType.CAUSAL_LM
+
+    def __call__(self, model_output, labels, shift_labels=False, num_items_in_batch=None):
+        selected = model_output.get("selected_positions") if isinstance(model_output, dict) else None
+        if selected is not None:
+            labels, shift_labels = selected_targets(self.task_type, labels, selected), False
+        return super().__call__(model_output, labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+
+
+class TokenTuneTrainerMixin:
+    """Makes a ``transformers.Trainer`` subclass back-propagate through k sampled token positions per sequence.
+
+    Mix it in first: ``class MyTrainer(TokenTuneTrainerMixin, Trainer)`` (``TokenTuneTrainer`` is exactly
+    that; ``tokentune_peft.sft_trainer.TokenTuneSFTTrainer`` mixes it into TRL's ``SFTTrainer``). For each
+    batch it samples the positions by the config's ``selection`` strategy (always including the token the
+    task head reads; a batch that brings ``selected_positions`` keeps them) with its own generator, seeded
+    from ``args.seed`` and the process index and saved in checkpoints, so runs and resumed runs are
+    reproducible. ``num_items_in_batch`` counts the selected supervised tokens, which keeps gradient
+    accumulation and several processes exact; label smoothing applies to the selected targets. Logs add
+    the selection ratio in force and the activation memory of one step against full fine-tuning.
+
+    The model may be wrapped before the trainer is built, or by the trainer itself (TRL's
+    ``peft_config=TokenTuneConfig(...)``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None and not isinstance(model, str) and not self._wraps_model_itself(kwargs):
+            tokentune_engine_of(model)  # fail before the Trainer sets itself up
+        super().__init__(*args, **kwargs)
+        self.tokentune_engine = tokentune_engine_of(self.model)
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "`compute_loss_func` receives the whole sequence's labels, while a TokenTune step's outputs cover "
+                "its selected slots only. Put a custom loss in the model's `loss_function` instead (it receives "
+                "the selected targets as `shift_labels`)."
+            )
+        if self.label_smoother is not None:
+            self.label_smoother = SelectedTargetsLabelSmoother(
+                epsilon=self.label_smoother.epsilon, task_type=self.tokentune_engine.task_type
+            )
         self.selection_generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
         # Positions drawn inside the forward ("importance") come from this generator too.
         self.tokentune_engine.generator = self.selection_generator
         self.activation_memory: dict[str, int] | None = None
         self._selected_tokens = 0
         self._real_tokens = 0
+
+    @staticmethod
+    def _wraps_model_itself(kwargs: dict) -> bool:
+        """Whether the trainer wraps the model with its ``peft_config`` argument (TRL's trainers do)."""
+        return kwargs.get("peft_config") is not None
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """Fetch the batches of one optimizer step, sample their positions, count the supervised ones.
@@ -90,11 +131,25 @@ class TokenTuneTrainer(Trainer):
                     self.model, batch["input_ids"], batch.get("attention_mask"), labels=batch.get("labels")
                 )
             selected = batch.get("selected_positions")
+            self._count_selection(batch, selected)
             if "labels" in batch and (selected is not None or engine.task_type == TaskType.SEQ_CLS):
                 targets = selected_targets(engine.task_type, batch["labels"], selected)
                 counted.append({"labels": batch["labels"], "shift_labels": targets})
         num_items = self._get_num_items_in_batch(counted, device) if len(counted) == len(batches) else None
         return batches, num_items
+
+    def _count_selection(self, batch: dict, selected: torch.Tensor | None) -> None:
+        """Add a batch's selected and real tokens to the logged selection ratio (the budget, when the
+        positions are drawn in the forward)."""
+        mask = batch.get("attention_mask")
+        real = torch.ones_like(batch["input_ids"]) if mask is None else mask
+        if selected is None:
+            self._selected_tokens += int(
+                self.tokentune_engine.selector.budget(self.model, batch["input_ids"], real).sum()
+            )
+        else:
+            self._selected_tokens += int((selected >= 0).sum())
+        self._real_tokens += int(real.sum())
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -102,23 +157,19 @@ class TokenTuneTrainer(Trainer):
             self._signature_columns.append("selected_positions")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The TokenTune step's loss; counts the selected tokens, and measures the first step's activations."""
+        """The TokenTune step's loss; the first step's activations are measured."""
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.activation_memory is None:
-            with SavedTensorMeter(model) as meter:
-                loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            self.activation_memory = {
-                "tokentune_bytes": meter.saved_bytes,
-                "full_fine_tuning_bytes": self._full_fine_tuning_bytes(model, inputs),
-            }
-        else:
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        selected, mask = outputs.get("selected_positions"), inputs.get("attention_mask")
-        if selected is not None:  # absent when the forward ran without autograd (a plain forward)
-            self._selected_tokens += int((selected >= 0).sum())
-            self._real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        return (loss, outputs) if return_outputs else loss
+        inputs = {**inputs, "tokentune_trainer": True}  # tells the step its loss count is over the selection
+        if self.activation_memory is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with SavedTensorMeter(model) as meter:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.activation_memory = {
+            "tokentune_bytes": meter.saved_bytes,
+            "full_fine_tuning_bytes": self._full_fine_tuning_bytes(model, inputs),
+        }
+        return result
 
     def _full_fine_tuning_bytes(self, model: nn.Module, inputs: dict) -> int:
         """Activation bytes a full-sequence step would keep for this batch, estimated from its first row.
@@ -187,3 +238,16 @@ class TokenTuneTrainer(Trainer):
                 "cannot continue where it stopped."
             )
         self.selection_generator.set_state(torch.load(path))
+
+
+class TokenTuneTrainer(TokenTuneTrainerMixin, Trainer):
+    """The Hugging Face ``Trainer`` with TokenTune steps (see :class:`TokenTuneTrainerMixin`).
+
+    Example:
+        >>> import tokentune_peft
+        >>> from peft import get_peft_model
+        >>> from transformers import TrainingArguments
+        >>> model = get_peft_model(base_model, tokentune_peft.TokenTuneConfig(task_type="CAUSAL_LM"))  # doctest: +SKIP
+        >>> trainer = TokenTuneTrainer(model=model, args=TrainingArguments("out"), train_dataset=data)  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """

@@ -17,7 +17,7 @@ from peft import LoraModel
 from torch import nn
 
 from .attention import base_implementation_name, tokentune_implementation_name
-from .checks import check_model_supported, is_decoder
+from .checks import check_head_supported, check_model_supported, is_decoder
 from .config import TokenTuneConfig
 from .engine import TokenTuneEngine
 from .saving import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
@@ -31,6 +31,7 @@ class _TokenTuneStepMixin:
 
     def _setup_tokentune(self, model: nn.Module, config: TokenTuneConfig) -> None:
         check_model_supported(model)
+        check_head_supported(model, config.task_type)
         implementation = model.config._attn_implementation
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
@@ -52,6 +53,7 @@ class _TokenTuneStepMixin:
     def forward(self, *args: Any, **kwargs: Any):
         """A TokenTune step when training with autograd on; the wrapped model's forward otherwise."""
         selected_positions = kwargs.pop("selected_positions", None)
+        tokentune_trainer = kwargs.pop("tokentune_trainer", False)
         if not (self.training and torch.is_grad_enabled()):
             return self.model(*args, **kwargs)
         if args:
@@ -63,7 +65,9 @@ class _TokenTuneStepMixin:
                 "needs its own ('tokentune_sdpa' or 'tokentune_eager'). Call set_attn_implementation before "
                 "get_peft_model."
             )
-        return self.tokentune_engine(self.model, selected_positions=selected_positions, **kwargs)
+        return self.tokentune_engine(
+            self.model, selected_positions=selected_positions, tokentune_trainer=tokentune_trainer, **kwargs
+        )
 
 
 class TokenTuneLoraModel(_TokenTuneStepMixin, LoraModel):
