@@ -1,0 +1,75 @@
+"""TokenTune under FSDP2 (torch's `fully_shard`), and the step state surviving whatever moves forward arguments."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate.utils import send_to_device
+from peft import get_peft_model
+from torch.distributed.utils import _apply_to_tensors
+from torch.utils._pytree import tree_map
+
+from tokentune_peft import TokenTuneConfig
+from tokentune_peft.attention import TokenTuneStep
+
+from tiny_models import build_model, fixed_selection, make_batch
+
+# What wrappers do to a forward's keyword arguments before the module runs.
+ARGUMENT_MOVERS = {
+    # FSDP2's input cast under a MixedPrecisionPolicy, and FSDP/DDP's device move (`_to_kwargs`).
+    "torch_apply_to_tensors": lambda kwargs: _apply_to_tensors(lambda t: t.clone(), kwargs),
+    # FSDP2's post-backward hook registration, which rebuilds dataclasses holding grad tensors.
+    "fsdp_replace_grad_tensors": lambda kwargs: _fsdp_replace_grad_tensors(kwargs),
+    "accelerate_send_to_device": lambda kwargs: send_to_device(kwargs, "cpu"),
+    "pytree_map": lambda kwargs: tree_map(lambda x: x, kwargs),
+}
+
+
+def _fsdp_replace_grad_tensors(kwargs: dict) -> dict:
+    from torch.distributed.fsdp._common_utils import collect_grad_tensors, replace_grad_tensors
+
+    tensors = collect_grad_tensors(kwargs)
+    return replace_grad_tensors(kwargs, iter([t.view_as(t) for t in tensors]))
+
+
+def _step_and_gradients(model, batch, selected, monkeypatch) -> tuple[set[int], int, dict[str, torch.Tensor]]:
+    """One training step; the ids of the step objects the attention calls received, and the gradients."""
+    seen: list[int] = []
+    for method in ("record", "attend"):
+        original = getattr(TokenTuneStep, method)
+
+        def spy(self, *args, _original=original, **kwargs):
+            seen.append(id(self))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(TokenTuneStep, method, spy)
+    model(**batch, selected_positions=selected).loss.backward()
+    monkeypatch.undo()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return set(seen), len(seen), grads
+
+
+@pytest.mark.parametrize("mover", sorted(ARGUMENT_MOVERS))
+def test_step_state_reaches_every_attention_call_when_arguments_are_rebuilt(mover, monkeypatch):
+    """Every decoder layer's keyword arguments go through `mover` (as under FSDP / DDP / accelerate):
+    both passes' attention calls still get the one step instance, and the gradient is unchanged."""
+    base = build_model("llama", "CAUSAL_LM")
+    model = get_peft_model(base, TokenTuneConfig(task_type="CAUSAL_LM"))
+    moved = copy.deepcopy(model)
+    layers = moved.base_model.model.model.layers
+    move = ARGUMENT_MOVERS[mover]
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda _module, args, kwargs: (args, move(kwargs)), with_kwargs=True)
+    batch = make_batch(base, "CAUSAL_LM")
+    selected = fixed_selection(batch, "llama", "CAUSAL_LM", base)
+
+    instances, calls, moved_grads = _step_and_gradients(moved, batch, selected, monkeypatch)
+    _, _, grads = _step_and_gradients(model, batch, selected, monkeypatch)
+
+    assert calls == 2 * len(layers)  # pass 1 records and pass 2 attends in every layer
+    assert len(instances) == 1
+    assert moved_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(moved_grads[name], grad, rtol=0, atol=0, msg=name)
