@@ -30,7 +30,9 @@ from tiny_models import build_model, fixed_selection, make_batch  # noqa: E402
 
 def tokentune_model(lora: bool) -> PeftModel:
     peft_config = LoraConfig(r=8, target_modules="all-linear") if lora else None
-    return get_peft_model(build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config))
+    return get_peft_model(
+        build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config)
+    )
 
 
 def shard(model: PeftModel, reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy | None = None) -> PeftModel:
@@ -41,7 +43,9 @@ def shard(model: PeftModel, reshard_after_forward: bool, mp_policy: MixedPrecisi
     return fully_shard(model, **options)
 
 
-def step_gradients(model: torch.nn.Module, batch: dict, selected: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+def step_gradients(
+    model: torch.nn.Module, batch: dict, selected: torch.Tensor
+) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and full (unsharded) fp32 gradients of one TokenTune step."""
     loss = model(**batch, selected_positions=selected).loss
     loss.backward()
@@ -119,9 +123,11 @@ def loaded_logits_difference(saved: dict[str, str], lora: bool, batch: dict) -> 
         with torch.no_grad():
             logits[label] = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     with torch.no_grad():
-        untrained = build_model("llama", "CAUSAL_LM").eval()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
+        untrained = (
+            build_model("llama", "CAUSAL_LM")
+            .eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits
+        )
     return {
         "max_logit_difference": (logits["sharded"] - logits["single"]).abs().max().item(),
         "training_moved_logits_by": (logits["single"] - untrained).abs().max().item(),

@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from .attention import TokenTuneStep
 from .labels import IGNORE_INDEX, selected_targets
+from .outputs import with_selected_positions
 from .selection import PAD_POSITION, validate_selected_positions
 from .selectors import TokenSelector
 
@@ -119,8 +120,7 @@ class TokenTuneEngine:
                 output["loss"] = output.logits.sum() * 0.0
         else:
             output = model(**inputs, labels=labels, **kwargs)
-        output["selected_positions"] = selected_positions
-        return output
+        return with_selected_positions(output, selected_positions)
 
     def _pass_one(self, model, input_ids, attention_mask, positions, token_type_ids, labels, selected_positions):
         """Pass 1 (no autograd, all tokens), and the positions pass 2 runs: given, sampled before
