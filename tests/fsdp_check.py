@@ -24,6 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
+from tokentune_peft.distributed import set_backward_prefetch  # noqa: E402
 
 from tiny_models import build_model, fixed_selection, make_batch  # noqa: E402
 
@@ -35,12 +36,17 @@ def tokentune_model(lora: bool) -> PeftModel:
     )
 
 
-def shard(model: PeftModel, reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy | None = None) -> PeftModel:
+def shard(
+    model: PeftModel, reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy | None = None, prefetch: bool = False
+) -> PeftModel:
     """`fully_shard` on every decoder layer, then on the whole PeftModel (the root)."""
     options = {"reshard_after_forward": reshard_after_forward, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, **options)
-    return fully_shard(model, **options)
+    model = fully_shard(model, **options)
+    if prefetch:
+        set_backward_prefetch(model)
+    return model
 
 
 def step_gradients(
@@ -76,10 +82,11 @@ def main() -> None:
         single = tokentune_model(lora)
         _, reference = step_gradients(copy.deepcopy(single), batch, selected)
         for reshard in (True, False):
-            sharded = shard(copy.deepcopy(single), reshard)
-            _, grads = step_gradients(sharded, batch, selected)
-            name = f"{'lora' if lora else 'alone'}-reshard_{reshard}"
-            results["gradient"][name] = {"max_relative_difference": relative_difference(grads, reference)}
+            for prefetch in (False, True):
+                sharded = shard(copy.deepcopy(single), reshard, prefetch=prefetch)
+                _, grads = step_gradients(sharded, batch, selected)
+                name = f"{'lora' if lora else 'alone'}-reshard_{reshard}" + ("-prefetch" if prefetch else "")
+                results["gradient"][name] = {"max_relative_difference": relative_difference(grads, reference)}
         # bf16 parameters, fp32 reduce: against a single-process bf16 copy of the same model.
         bf16_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         sharded = shard(copy.deepcopy(single), True, bf16_policy)
