@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -108,25 +107,32 @@ class PassOneObserver(Protocol):
     def observe(self, query, key, value, mask, is_causal: bool, scaling: float | None) -> None: ...
 
 
-@dataclass
 class TokenTuneStep:
     """State of one TokenTune step, passed to every attention call as ``tokentune_step``.
 
     Pass 1 records every attention's keys, values and mask (and shows them to ``observer``, if any);
     :meth:`select` then sets the selected positions that pass 2 runs.
 
+    A plain class on purpose, not a dataclass, named tuple or container: whatever moves a forward's
+    arguments (FSDP's pre-forward device move and input cast, DDP, accelerate's ``send_to_device``,
+    pytree maps) rebuilds those from their fields, and both passes must share this one instance.
+
     Args:
         seq_len: length N of the full sequences.
         observer: optional :class:`PassOneObserver` called on every pass-1 attention.
     """
 
-    seq_len: int
-    observer: PassOneObserver | None = None
-    recording: bool = True
-    keys: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
-    values: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
-    masks: dict[nn.Module, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
-    _row_masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    def __init__(self, seq_len: int, observer: PassOneObserver | None = None) -> None:
+        self.seq_len = seq_len
+        self.observer = observer
+        self.recording = True
+        self.keys: dict[nn.Module, torch.Tensor] = {}
+        self.values: dict[nn.Module, torch.Tensor] = {}
+        self.masks: dict[nn.Module, tuple[torch.Tensor | None, bool]] = {}
+        self._row_masks: dict[tuple, torch.Tensor | None] = {}
+
+    def __repr__(self) -> str:
+        return f"TokenTuneStep(seq_len={self.seq_len}, recording={self.recording}, recorded={self.num_recorded})"
 
     @property
     def num_recorded(self) -> int:

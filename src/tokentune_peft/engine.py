@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from .attention import TokenTuneStep
 from .labels import IGNORE_INDEX, selected_targets
+from .outputs import with_selected_positions
 from .selection import PAD_POSITION, validate_selected_positions
 from .selectors import TokenSelector
 
@@ -163,8 +164,7 @@ class TokenTuneEngine:
         output = model(**inputs, **kwargs)
         if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
             output["loss"] = output["logits"].sum() * 0.0
-        output["selected_positions"] = selected_positions
-        return output
+        return with_selected_positions(output, selected_positions)
 
     def _check_inputs(self, input_ids, attention_mask, labels, kwargs: dict) -> None:
         if input_ids is None:

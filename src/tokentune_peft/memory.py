@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class SavedTensorMeter:
@@ -28,7 +29,8 @@ class SavedTensorMeter:
     def __init__(self, model: nn.Module | None = None) -> None:
         self._excluded: set[int] = set()
         if model is not None:
-            tensors = list(model.parameters()) + list(model.buffers())
+            # A parameter sharded by FSDP2 is a DTensor: its own storage is its local shard.
+            tensors = [t.to_local() if isinstance(t, DTensor) else t for t in [*model.parameters(), *model.buffers()]]
             self._excluded = {t.untyped_storage().data_ptr() for t in tensors}
         self._storages: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)

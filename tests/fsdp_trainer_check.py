@@ -1,0 +1,82 @@
+"""Run under `python -m torch.distributed.run --nproc_per_node 2` (CPU, gloo), from tests/test_fsdp.py.
+
+Three steps of `TokenTuneTrainer` under DDP (the Trainer's own multi-process CPU path), then the same
+three steps under FSDP2 through accelerate's FSDP plugin (``fsdp_version=2``, one ``fully_shard`` per
+decoder layer). accelerate 1.15 keeps a CPU run's distributed type at MULTI_CPU even with an FSDP
+plugin (``AcceleratorState`` sets FSDP only for accelerator devices), so the FSDP2 run switches the
+Trainer's accelerator state to FSDP after building it; accelerate's own ``fsdp2_prepare_model`` then
+shards the model. Rank 0 writes the per-step losses as JSON to the path given as the first argument.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tokentune_peft import TokenTuneConfig  # noqa: E402
+from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
+
+from tiny_models import build_model, make_batch  # noqa: E402
+
+
+def train(lora: bool, fsdp: bool) -> dict:
+    base = build_model("llama", "CAUSAL_LM")
+    peft_config = LoraConfig(r=8, target_modules="all-linear") if lora else None
+    model = get_peft_model(base, TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config))
+    data = []
+    for seed in range(6):  # 12 rows: 3 steps of 2 rows on each of 2 ranks
+        batch = make_batch(base, "CAUSAL_LM", seed=seed)
+        data += [{key: value[row] for key, value in batch.items()} for row in range(2)]
+    args = TrainingArguments(
+        tempfile.mkdtemp(),
+        use_cpu=True,
+        report_to=[],
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = TokenTuneTrainer(model=model, args=args, train_dataset=data)
+    if fsdp:
+        state = trainer.accelerator.state
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+            reshard_after_forward=True,
+        )
+        trainer.is_fsdp_enabled = True
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "wrapped_as": type(trainer.model_wrapped).__name__,
+        "losses": [entry["loss"] for entry in logs],
+        "activation_mib": logs[0]["activation_mib"],
+    }
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for lora in (False, True):
+        for fsdp in (False, True):
+            results[f"{'lora' if lora else 'alone'}-{'fsdp2' if fsdp else 'ddp'}"] = train(lora, fsdp)
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
