@@ -57,7 +57,8 @@ def activation_mib(trainer: TokenTuneSFTTrainer) -> dict[str, float]:
     (batch,), _ = trainer.get_batch_samples(iter([next(iter(trainer.get_train_dataloader()))]), 1, model.device)
     batch = {key: value for key, value in batch.items() if torch.is_tensor(value)}
     tokentune = saved_activation_bytes(
-        model, lambda: model(**batch, fused_lm_head=True, tokentune_trainer=True, use_cache=False).loss
+        model,
+        lambda: model(**batch, fused_lm_head=True, trainer_generator=trainer.selection_generator, use_cache=False).loss,
     )
     lora_model = model.base_model.model  # the transformers model with its LoRA layers, called without TokenTune
     plain = {key: value for key, value in batch.items() if key != "selected_positions"}

@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
-from tokentune_peft.labels import selected_targets  # noqa: E402
+from tokentune_peft.selection.labels import selected_targets  # noqa: E402
 from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 
 from tiny_models import build_model  # noqa: E402
@@ -45,7 +45,9 @@ from transformers import TrainingArguments  # noqa: E402
 trainer = TokenTuneTrainer(
     model=reference, args=TrainingArguments("/tmp/ddp_check", seed=3, report_to=[], use_cpu=True)
 )
-first_draw = trainer.tokentune_engine.sample(reference, input_ids, attention_mask, trainer.selection_generator)
+first_draw = trainer.tokentune_engine.prepare(
+    reference, input_ids, attention_mask, generator=trainer.selection_generator
+).selected_positions
 draws = [None] * world
 torch.distributed.all_gather_object(draws, first_draw)
 

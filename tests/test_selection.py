@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokentune_peft.selection import sample_positions, selection_sizes, validate_selected_positions
+from tokentune_peft.selection.sampling import sample_positions, selection_sizes, validate_selected_positions
 
 
 def padded_mask(lengths: list[int], seq_len: int, left: bool) -> torch.Tensor:

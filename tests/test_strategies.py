@@ -12,8 +12,8 @@ from peft import get_peft_model
 
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.attention import TokenTuneStep
-from tokentune_peft.selection import evenly_spaced, selection_budget, validate_selected_positions
-from tokentune_peft.selectors import TokenSelector
+from tokentune_peft.selection import TokenSelector
+from tokentune_peft.selection.sampling import evenly_spaced, selection_budget, validate_selected_positions
 
 from naive_reference import naive_tokentune_loss
 from test_engine import assert_same_grads

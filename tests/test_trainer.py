@@ -255,9 +255,13 @@ def test_supervised_positions_are_sampled_before_the_forward_and_counted(tmp_pat
 def test_importance_is_drawn_in_the_forward_from_the_trainers_generator(tmp_path):
     model = tokentune_model(selection="importance")
     trainer = TokenTuneTrainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=causal_lm_examples())
-    assert model.base_model.tokentune_engine.generator is trainer.selection_generator
     (fetched,), num_items = trainer.get_batch_samples(iter([one_batch()]), 1, torch.device("cpu"))
     assert "selected_positions" not in fetched and num_items is None  # unknown before the forward: batch mean
+    engine_generator = model.base_model.tokentune_engine.generator
+    engine_state, trainer_state = engine_generator.get_state(), trainer.selection_generator.get_state()
     trainer.train()
+    # the forward drew from the trainer's (checkpointed) generator, not the engine's own
+    assert torch.equal(engine_generator.get_state(), engine_state)
+    assert not torch.equal(trainer.selection_generator.get_state(), trainer_state)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all(0.3 <= entry["selection_ratio"] <= 0.45 for entry in logged)

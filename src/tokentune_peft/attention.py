@@ -28,8 +28,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .selection import PAD_POSITION
-
 #: Stock attention implementations TokenTune can sit on top of.
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 _PREFIX = "tokentune_"
@@ -150,7 +148,7 @@ class TokenTuneStep:
     def select(self, selected_positions: torch.Tensor) -> None:
         """End pass 1: pass 2 runs the tokens at ``selected_positions`` ([batch, k], -1 padded)."""
         self.recording = False
-        self.valid_slots = selected_positions != PAD_POSITION
+        self.valid_slots = selected_positions >= 0  # rows are padded with -1
         self.positions = selected_positions.clamp(min=0)  # padded slots hold a valid dummy index
         self.batch_index, self.slot_index = self.valid_slots.nonzero(as_tuple=True)
 

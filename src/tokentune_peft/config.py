@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftConfig
 from peft.utils import TaskType
 
 from . import __version__
-from .selectors import SELECTION_STRATEGIES
+from .selection.strategies import SELECTION_STRATEGIES
 
 PEFT_TYPE = "TOKENTUNE"
 CONFIG_NAME = "tokentune_config.json"
@@ -52,11 +52,13 @@ class TokenTuneConfig(PeftConfig):
             token the task head reads: the first ([CLS]) for encoder classification, the last real
             token for decoder classification, none otherwise. Also "first", "last", "none", or a
             list of sequence indices.
-        seed (`int`): seed of the generator that samples positions when none are given.
+        seed (`int`): seed of the generator that samples positions when none are given. Under a
+            TokenTune trainer each process draws from ``seed`` + its process index;
+            ``TrainingArguments.seed`` (initialisation, data order, dropout) does not change positions.
         selection (`str` or callable): how positions are chosen: "uniform" (the paper's), "supervised"
             (labelled positions first), "importance" (sampled by the attention they receive in the
             no-grad pass), or a function ``selector(batch, k, generator) -> selected_positions``; see
-            :mod:`tokentune_peft.selectors`.
+            :mod:`tokentune_peft.selection.strategies`.
         uniform_share (`float`): for "supervised", the share of the budget kept uniform over
             unlabelled tokens; for "importance", the share of the sampling probability spread evenly.
             Defaults to 0.2 for those two; not used by the others.
@@ -93,7 +95,13 @@ class TokenTuneConfig(PeftConfig):
             "'none', or a list of sequence indices."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the generator that samples the selected positions."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the generator that samples the selected positions (under a TokenTune trainer: seed + "
+            "process index). TrainingArguments.seed does not change the positions."
+        },
+    )
     selection: str | Callable = field(
         default="uniform",
         metadata={

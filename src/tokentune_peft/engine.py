@@ -1,7 +1,7 @@
 """How a TokenTune training step runs.
 
 For a batch and its selected positions S (given with the batch, or chosen by the configured
-strategy, :mod:`tokentune_peft.selectors`):
+strategy, :mod:`tokentune_peft.selection.strategies`):
 
 1. **Pass 1, no autograd, all tokens.** The model's backbone runs on the whole batch; every
    self-attention records its keys, values and mask (:mod:`tokentune_peft.attention`). The
@@ -28,10 +28,10 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .attention import TokenTuneStep
-from .labels import IGNORE_INDEX, selected_targets
 from .outputs import with_selected_positions
-from .selection import PAD_POSITION, validate_selected_positions
-from .selectors import TokenSelector
+from .selection.labels import IGNORE_INDEX, selected_targets
+from .selection.sampling import PAD_POSITION, validate_selected_positions
+from .selection.strategies import TokenSelector
 
 #: Flash-attention "varlen" inputs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
 FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -73,21 +73,102 @@ def drop_varlen_boundaries(kwargs: dict, position_ids: torch.Tensor | None) -> N
             )
 
 
+def _check_head_selected(head: torch.Tensor | None, selected_positions: torch.Tensor) -> None:
+    if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
+        raise ValueError(
+            f"`selected_positions` must include the token the classification head reads, at positions {head.tolist()}."
+        )
+
+
+@dataclass
+class PreparedBatch:
+    """What a TokenTune step decides about a batch before its forward (:meth:`TokenTuneEngine.prepare`).
+
+    Args:
+        selected_positions: [batch, k] positions, -1 padded; None when the strategy draws them in the
+            forward ("importance").
+        head_positions: [batch] where a sequence-classification head reads; None for other tasks.
+        targets: the labels of the selected slots (:func:`~tokentune_peft.selection.labels.selected_targets`),
+            None without labels or while the positions are unknown.
+        num_selected: tokens selected in the batch (the budget, when drawn in the forward).
+        num_real: real (non-padding) tokens in the batch.
+    """
+
+    selected_positions: torch.Tensor | None
+    head_positions: torch.Tensor | None
+    targets: torch.Tensor | None
+    num_selected: int
+    num_real: int
+
+
 @dataclass
 class TokenTuneEngine:
     """Runs TokenTune steps for one model.
 
     Args:
         selector: chooses the positions when a batch brings none.
-        generator: CPU generator used for sampling (the trainer swaps in its own, which it checkpoints).
+        seed: seeds :attr:`generator`, which draws positions when the caller hands in none (a
+            :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin` hands in its own, seeded from
+            ``seed`` + its process index and saved in checkpoints).
     """
 
     selector: TokenSelector
-    generator: torch.Generator
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def task_type(self) -> str:
         return self.selector.task_type
+
+    def prepare(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        selected_positions: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PreparedBatch:
+        """Check a batch and choose its positions (unless the strategy draws them in the forward).
+
+        The one place where a batch's positions, head tokens, selected targets and counts are decided:
+        the training forward calls it, and so does the Trainer before the forward, to count the
+        selected supervised tokens. ``generator`` defaults to :attr:`generator`.
+
+        Example:
+            >>> from tokentune_peft.selection import TokenSelector
+            >>> engine = TokenTuneEngine(TokenSelector("CAUSAL_LM", "none", True, None, 2))
+            >>> prepared = engine.prepare(None, torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 4).long())
+            >>> prepared.selected_positions.shape, prepared.num_selected, prepared.num_real
+            (torch.Size([1, 2]), 2, 4)
+        """
+        real_tokens = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        head = self.selector.head_positions(model, input_ids, real_tokens)
+        if head is not None and not real_tokens.gather(1, head[:, None]).all():
+            raise ValueError(
+                f"The classification head reads positions {head.tolist()}, and some are padding "
+                "(attention_mask == 0); pad encoder inputs on the right."
+            )
+        if selected_positions is not None:
+            selected_positions = selected_positions.to(input_ids.device)
+            validate_selected_positions(selected_positions, real_tokens)
+        elif not self.selector.selects_in_forward:
+            generator = self.generator if generator is None else generator
+            selected_positions = self.selector.sample(model, input_ids, real_tokens, labels, generator)
+        if selected_positions is None:
+            num_selected = int(self.selector.budget(model, input_ids, real_tokens).sum())
+        else:
+            _check_head_selected(head, selected_positions)
+            num_selected = int((selected_positions != PAD_POSITION).sum())
+        return PreparedBatch(
+            selected_positions=selected_positions,
+            head_positions=head,
+            targets=self._targets(labels, selected_positions),
+            num_selected=num_selected,
+            num_real=int(real_tokens.sum()),
+        )
 
     def __call__(
         self,
@@ -98,44 +179,35 @@ class TokenTuneEngine:
         selected_positions: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        tokentune_trainer: bool = False,
+        trainer_generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> ModelOutput:
         """One TokenTune step of ``model`` (a transformers model) on a batch.
 
         ``attention_mask`` may be None, as in packed batches whose ``position_ids`` restart at 0 per
-        document: pass 1 then builds the model's own per-document mask. ``tokentune_trainer`` is set by
-        :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin`, whose loss count covers the selected
-        tokens only. Other keywords (``num_items_in_batch``, ``output_router_logits``, TRL's
-        ``fused_lm_head``...) reach the model's forward in pass 2, which computes its own loss on the
-        selected slots.
+        document: pass 1 then builds the model's own per-document mask. ``trainer_generator`` is handed
+        in by :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin`: its generator, for positions drawn
+        in the forward, and the sign that the caller counts the loss over the selected tokens. Other
+        keywords (``num_items_in_batch``, ``output_router_logits``, TRL's ``fused_lm_head``...) reach the
+        model's forward in pass 2, which computes its own loss on the selected slots.
         """
         self._check_inputs(input_ids, attention_mask, labels, kwargs)
         kwargs.pop("use_cache", None)
         drop_varlen_boundaries(kwargs, position_ids)
-        batch, seq_len = input_ids.shape
-        real_tokens = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        head = self.selector.head_positions(model, input_ids, real_tokens)
-        if head is not None and not real_tokens.gather(1, head[:, None]).all():
-            raise ValueError(
-                f"The classification head reads positions {head.tolist()}, and some are padding "
-                "(attention_mask == 0); pad encoder inputs on the right."
-            )
-        if selected_positions is None:
-            self._check_loss_count(tokentune_trainer, kwargs)
+        if selected_positions is None:  # drawn here: the caller's loss count cannot be over them
+            self._check_loss_count(trainer_generator is not None, kwargs)
+        generator = self.generator if trainer_generator is None else trainer_generator
+        prepared = self.prepare(model, input_ids, attention_mask, labels, selected_positions, generator)
         positions = self._full_position_ids(model, input_ids, position_ids)
         step, selected_positions = self._pass_one(
-            model, input_ids, attention_mask, real_tokens, positions, token_type_ids, labels, selected_positions
+            model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
         )
-        if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
-            raise ValueError(
-                f"`selected_positions` must include the token the classification head reads, at positions "
-                f"{head.tolist()}."
-            )
+        drawn_in_forward = prepared.selected_positions is None
+        targets = self._targets(labels, selected_positions) if drawn_in_forward else prepared.targets
         step.select(selected_positions)
         valid = selected_positions != PAD_POSITION
         slots = selected_positions.clamp(min=0)
-
+        batch, seq_len = input_ids.shape
         selected_ids = input_ids.gather(1, slots)
         pad_id = getattr(model.config, "pad_token_id", None)
         if pad_id is not None:  # a decoder classification head reads the last non-pad token of the slots
@@ -152,8 +224,7 @@ class TokenTuneEngine:
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids.expand(batch, seq_len).gather(1, slots)
         supervised = True
-        if labels is not None:
-            targets = selected_targets(self.task_type, labels, selected_positions)
+        if targets is not None:
             inputs["labels"] = targets
             if self.task_type == TaskType.CAUSAL_LM:
                 inputs["shift_labels"] = targets  # aligned with the slots: nothing shifts across non-neighbours
@@ -165,6 +236,11 @@ class TokenTuneEngine:
         if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
             output["loss"] = output["logits"].sum() * 0.0
         return with_selected_positions(output, selected_positions)
+
+    def _targets(self, labels: torch.Tensor | None, selected_positions: torch.Tensor | None) -> torch.Tensor | None:
+        if labels is None or (selected_positions is None and self.task_type != TaskType.SEQ_CLS):
+            return None
+        return selected_targets(self.task_type, labels, selected_positions)
 
     def _check_inputs(self, input_ids, attention_mask, labels, kwargs: dict) -> None:
         if input_ids is None:
@@ -182,14 +258,14 @@ class TokenTuneEngine:
                 f"`labels` of shape {tuple(labels.shape)} do not match `input_ids` {tuple(input_ids.shape)}."
             )
 
-    def _check_loss_count(self, tokentune_trainer: bool, kwargs: dict) -> None:
+    def _check_loss_count(self, counted_by_trainer: bool, kwargs: dict) -> None:
         """Refuse a caller whose loss count cannot be over the selected tokens.
 
         Positions drawn in this forward are unknown to the caller, so a ``num_items_in_batch`` it
         passes counts every supervised token, and TRL's trainers divide the fused head's losses by such
         a count outside the model: the loss would shrink by about the ratio, silently.
         """
-        if tokentune_trainer or self.task_type == TaskType.SEQ_CLS:  # a sequence loss does not count tokens
+        if counted_by_trainer or self.task_type == TaskType.SEQ_CLS:  # a sequence loss does not count tokens
             return
         if kwargs.get("fused_lm_head"):
             raise ValueError(
@@ -205,22 +281,16 @@ class TokenTuneEngine:
                 "Trainer subclass), or pass `selected_positions` and count their supervised tokens."
             )
 
-    def _pass_one(
-        self, model, input_ids, attention_mask, real_tokens, positions, token_type_ids, labels, selected_positions
-    ):
-        """Pass 1 (no autograd, all tokens), and the positions pass 2 runs: given, sampled before
-        pass 1, or drawn from the importance pass 1 measured ("importance").
+    def _pass_one(self, model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator):
+        """Pass 1 (no autograd, all tokens), and the positions pass 2 runs: those prepared, or drawn from
+        the importance pass 1 measured ("importance").
 
         Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
-        (per document in a packed batch); selection counts ``real_tokens``."""
+        (per document in a packed batch)."""
+        real_tokens = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         observer = None
-        if selected_positions is not None:
-            selected_positions = selected_positions.to(input_ids.device)
-            validate_selected_positions(selected_positions, real_tokens)
-        elif self.selector.selects_in_forward:
+        if prepared.selected_positions is None:
             observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
-        else:
-            selected_positions = self.sample(model, input_ids, real_tokens, labels=labels)
         step = TokenTuneStep(input_ids.shape[1], observer=observer)
         with torch.no_grad():
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
@@ -238,25 +308,11 @@ class TokenTuneEngine:
                 "through transformers' attention registry, or its attention implementation was changed after "
                 "wrapping."
             )
-        if observer is not None:
-            selected_positions = self.sample(model, input_ids, real_tokens, labels=labels, importance=observer.scores)
-        return step, selected_positions
-
-    def sample(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        labels: torch.Tensor | None = None,
-        importance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Positions for a batch, by the configured strategy, including the always-selected ones.
-
-        ``generator`` defaults to the engine's own. Example: see :class:`tokentune_peft.selectors.TokenSelector`.
-        """
-        generator = self.generator if generator is None else generator
-        return self.selector.sample(model, input_ids, attention_mask, labels, generator, importance)
+        if observer is None:
+            return step, prepared.selected_positions
+        selected = self.selector.sample(model, input_ids, real_tokens, labels, generator, observer.scores)
+        _check_head_selected(prepared.head_positions, selected)
+        return step, selected
 
     @staticmethod
     def _full_position_ids(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import datasets
 
-from .labels import IGNORE_INDEX
+from .selection.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

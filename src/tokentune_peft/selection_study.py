@@ -29,9 +29,9 @@ from transformers import HfArgumentParser
 
 from .benchmarking import machine_description
 from .config import DEFAULT_UNIFORM_SHARE
-from .labels import IGNORE_INDEX, selected_targets
 from .quality import CONFIG_DIR, FULL_LR, run_setting, write_report
 from .recipes import parse_recipe
+from .selection.labels import IGNORE_INDEX, selected_targets
 from .train import load_datasets, load_model_and_tokenizer, make_collator, wrap_model
 
 STRATEGIES = ("uniform", "supervised", "importance")

@@ -35,9 +35,9 @@ from transformers import (
 
 from . import offline
 from .config import TokenTuneConfig
-from .labels import IGNORE_INDEX
 from .memory import saved_activation_bytes
 from .recipes import RecipeArguments, parse_recipe, recipe_parser
+from .selection.labels import IGNORE_INDEX
 from .trainer import TokenTuneTrainer
 
 AUTO_CLASSES = {

@@ -17,8 +17,8 @@ from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .engine import TokenTuneEngine
-from .labels import selected_targets
 from .memory import SavedTensorMeter
+from .selection.labels import selected_targets
 from .tuner import TokenTuneLoraModel, TokenTuneModel
 
 SELECTION_STATE_FILE = "tokentune_selection_rng_{}.pth"
@@ -73,7 +73,7 @@ class TokenTuneTrainerMixin:
     that; ``tokentune_peft.sft_trainer.TokenTuneSFTTrainer`` mixes it into TRL's ``SFTTrainer``). For each
     batch it samples the positions by the config's ``selection`` strategy (always including the token the
     task head reads; a batch that brings ``selected_positions`` keeps them) with its own generator, seeded
-    from ``args.seed`` and the process index and saved in checkpoints, so runs and resumed runs are
+    from ``TokenTuneConfig.seed`` plus the process index and saved in checkpoints, so runs and resumed runs are
     reproducible. ``num_items_in_batch`` counts the selected supervised tokens, which keeps gradient
     accumulation and several processes exact; label smoothing applies to the selected targets. Logs add
     the selection ratio in force and the activation memory of one step against full fine-tuning.
@@ -98,9 +98,8 @@ class TokenTuneTrainerMixin:
             self.label_smoother = SelectedTargetsLabelSmoother(
                 epsilon=self.label_smoother.epsilon, task_type=self.tokentune_engine.task_type
             )
-        self.selection_generator = torch.Generator().manual_seed(self.args.seed + self.args.process_index)
-        # Positions drawn inside the forward ("importance") come from this generator too.
-        self.tokentune_engine.generator = self.selection_generator
+        # Positions come from TokenTuneConfig.seed, one stream per process; TrainingArguments.seed sets the rest.
+        self.selection_generator = torch.Generator().manual_seed(self.tokentune_engine.seed + self.args.process_index)
         self.activation_memory: dict[str, int] | None = None
         self._selected_tokens = 0
         self._real_tokens = 0
@@ -111,7 +110,7 @@ class TokenTuneTrainerMixin:
         return kwargs.get("peft_config") is not None
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
-        """Fetch the batches of one optimizer step, sample their positions, count the supervised ones.
+        """Fetch the batches of one optimizer step, choose their positions, count the selected supervised tokens.
 
         Positions that a strategy draws inside the forward ("importance") are unknown here, so for
         token-level tasks the loss is then each batch's mean over its selected supervised tokens
@@ -123,33 +122,24 @@ class TokenTuneTrainerMixin:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        engine = self.tokentune_engine
         counted = []
         for batch in batches:
-            if "selected_positions" not in batch and not engine.selector.selects_in_forward:
-                batch["selected_positions"] = engine.sample(
-                    self.model, batch["input_ids"], batch.get("attention_mask"), labels=batch.get("labels")
-                )
-            selected = batch.get("selected_positions")
-            self._count_selection(batch, selected)
-            if "labels" in batch and (selected is not None or engine.task_type == TaskType.SEQ_CLS):
-                targets = selected_targets(engine.task_type, batch["labels"], selected)
-                counted.append({"labels": batch["labels"], "shift_labels": targets})
+            prepared = self.tokentune_engine.prepare(
+                self.model,
+                batch["input_ids"],
+                batch.get("attention_mask"),
+                batch.get("labels"),
+                batch.get("selected_positions"),
+                generator=self.selection_generator,
+            )
+            if prepared.selected_positions is not None:
+                batch["selected_positions"] = prepared.selected_positions
+            self._selected_tokens += prepared.num_selected
+            self._real_tokens += prepared.num_real
+            if prepared.targets is not None:
+                counted.append({"labels": batch["labels"], "shift_labels": prepared.targets})
         num_items = self._get_num_items_in_batch(counted, device) if len(counted) == len(batches) else None
         return batches, num_items
-
-    def _count_selection(self, batch: dict, selected: torch.Tensor | None) -> None:
-        """Add a batch's selected and real tokens to the logged selection ratio (the budget, when the
-        positions are drawn in the forward)."""
-        mask = batch.get("attention_mask")
-        real = torch.ones_like(batch["input_ids"]) if mask is None else mask
-        if selected is None:
-            self._selected_tokens += int(
-                self.tokentune_engine.selector.budget(self.model, batch["input_ids"], real).sum()
-            )
-        else:
-            self._selected_tokens += int((selected >= 0).sum())
-        self._real_tokens += int(real.sum())
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -160,7 +150,8 @@ class TokenTuneTrainerMixin:
         """The TokenTune step's loss; the first step's activations are measured."""
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = {**inputs, "tokentune_trainer": True}  # tells the step its loss count is over the selection
+        # The generator for positions drawn in the forward; it also tells the step the loss count is the selection's.
+        inputs = {**inputs, "trainer_generator": self.selection_generator}
         if self.activation_memory is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with SavedTensorMeter(model) as meter:

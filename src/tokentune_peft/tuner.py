@@ -17,11 +17,11 @@ from peft import LoraModel
 from torch import nn
 
 from .attention import base_implementation_name, tokentune_implementation_name
-from .checks import check_head_supported, check_model_supported, is_decoder
 from .config import TokenTuneConfig
 from .engine import TokenTuneEngine
-from .saving import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
-from .selectors import TokenSelector
+from .model_support import check_head_supported, check_model_supported, is_decoder
+from .save_formats import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
+from .selection import build_selector
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
@@ -36,24 +36,12 @@ class _TokenTuneStepMixin:
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
         self.tokentune_config = config
-        always = config.always_select
-        if always == "auto":
-            always = "head" if config.task_type == "SEQ_CLS" else "none"
-        selector = TokenSelector(
-            task_type=config.task_type,
-            always_select=always,
-            is_decoder=is_decoder(model),
-            selection_ratio=None if config.num_selected is not None else config.selection_ratio,
-            num_selected=config.num_selected,
-            strategy=config.selection,
-            uniform_share=config.uniform_share or 0.0,
-        )
-        self.tokentune_engine = TokenTuneEngine(selector, generator=torch.Generator().manual_seed(config.seed))
+        self.tokentune_engine = TokenTuneEngine(build_selector(config, is_decoder(model)), seed=config.seed)
 
     def forward(self, *args: Any, **kwargs: Any):
         """A TokenTune step when training with autograd on; the wrapped model's forward otherwise."""
         selected_positions = kwargs.pop("selected_positions", None)
-        tokentune_trainer = kwargs.pop("tokentune_trainer", False)
+        trainer_generator = kwargs.pop("trainer_generator", None)
         if not (self.training and torch.is_grad_enabled()):
             return self.model(*args, **kwargs)
         if args:
@@ -66,7 +54,7 @@ class _TokenTuneStepMixin:
                 "get_peft_model."
             )
         return self.tokentune_engine(
-            self.model, selected_positions=selected_positions, tokentune_trainer=tokentune_trainer, **kwargs
+            self.model, selected_positions=selected_positions, trainer_generator=trainer_generator, **kwargs
         )
 
 

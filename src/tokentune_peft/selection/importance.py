@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import allowed_keys
-from .selection import PAD_POSITION
+from ..attention import allowed_keys
+from .sampling import PAD_POSITION
 
 #: Most reader positions per row whose attention is measured.
 MAX_READERS = 32

@@ -8,7 +8,7 @@ Strategies (``TokenTuneConfig(selection=...)``):
   others, so the gradient still reaches context tokens. SEQ_CLS labels sit on the head token, which
   is always selected, so there it equals "uniform";
 * ``"importance"``: drawn without replacement with probability proportional to an attention-based
-  score from pass 1 (:mod:`tokentune_peft.importance`), mixed with ``uniform_share`` of uniform
+  score from pass 1 (:mod:`tokentune_peft.selection.importance`), mixed with ``uniform_share`` of uniform
   probability so every token keeps a chance. It is chosen inside the training forward;
 * a callable ``selector(batch, k, generator) -> selected_positions`` (see :class:`TokenSelector`).
 
@@ -43,7 +43,7 @@ from torch import nn
 
 from .importance import MAX_READERS, AttentionImportance
 from .labels import IGNORE_INDEX, labels_per_position
-from .selection import (
+from .sampling import (
     evenly_spaced,
     last_real_positions,
     sample_positions,
@@ -215,3 +215,27 @@ class TokenSelector:
         if (always & ~picked).any():
             raise ValueError(f"The selector {name} left out positions of `batch['always_selected']`.")
         return positions
+
+
+def build_selector(config, is_decoder: bool) -> TokenSelector:
+    """The selector a :class:`~tokentune_peft.TokenTuneConfig` asks for, for a decoder or an encoder.
+
+    "auto" always-selection becomes the head token for sequence classification, none otherwise.
+
+    Example:
+        >>> from tokentune_peft import TokenTuneConfig
+        >>> build_selector(TokenTuneConfig(task_type="SEQ_CLS"), is_decoder=False).always_select
+        'head'
+    """
+    always = config.always_select
+    if always == "auto":
+        always = "head" if config.task_type == TaskType.SEQ_CLS else "none"
+    return TokenSelector(
+        task_type=config.task_type,
+        always_select=always,
+        is_decoder=is_decoder,
+        selection_ratio=None if config.num_selected is not None else config.selection_ratio,
+        num_selected=config.num_selected,
+        strategy=config.selection,
+        uniform_share=config.uniform_share or 0.0,
+    )

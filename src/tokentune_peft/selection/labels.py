@@ -6,7 +6,7 @@ import torch
 from peft.utils import TaskType
 from torch import nn
 
-from .selection import PAD_POSITION
+from .sampling import PAD_POSITION
 
 IGNORE_INDEX = -100
 
