@@ -1,12 +1,449 @@
 """Benchmark TokenTune against full fine-tuning, LoRA, QLoRA and gradient checkpointing.
 
-The same as the ``tokentune-benchmark`` command; see :mod:`tokentune_peft.benchmarking`.
+Each setting runs in a process of its own, so that peak-memory figures do not mix. For one batch it
+reports the bytes saved for backward, the peak memory of the training steps (peak resident set on
+CPU, ``torch.cuda.max_memory_allocated`` on GPU, both counted from after the model is loaded) and
+the median training-step time (optimizer step included), with ratios to full fine-tuning from the
+same run, and writes a Markdown table, JSON and PNG plots.
 
     python scripts/benchmark.py --model llama-1024 --batch_size 2 --seq_len 512 --output_dir docs/benchmarks
-    python scripts/benchmark.py --quick --output_dir /tmp/benchmark   # seconds, on a tiny config
 """
 
-from tokentune_peft.benchmarking import main
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+    HfArgumentParser,
+)
+
+from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
+from tokentune_peft.cli.plots import new_figure, save_figure
+from tokentune_peft.config import TokenTuneConfig
+from tokentune_peft.memory import MIB, saved_activation_bytes
+
+from study_utils import machine_description
+
+#: Real pretrained models installed offline (see :mod:`tokentune_peft.cli.offline`), and their task.
+PRETRAINED_TASKS = {"smollm2": "CAUSAL_LM", "minilm": "SEQ_CLS"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RATIOS = (0.1, 0.2, 0.3, 0.5)
+DEFAULT_SETTINGS = ["full", "full+gc", "lora", "qlora"] + [
+    f"tokentune-{ratio}{extra}" for ratio in RATIOS for extra in ("", "+lora", "+qlora", "+gc")
+]
+
+
+@dataclass
+class Setting:
+    """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing, and
+    TokenTune's selection strategy ("+supervised", "+importance"; uniform by default).
+
+    Example:
+        >>> Setting.parse("tokentune-0.3+qlora+gc")
+        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True, selection='uniform')
+        >>> Setting.parse("tokentune-0.1+importance").selection
+        'importance'
+        >>> Setting.parse("tokentune-0.3+lora").baseline
+        'lora'
+    """
+
+    ratio: float | None = None
+    lora: bool = False
+    quantized: bool = False
+    checkpointing: bool = False
+    selection: str = "uniform"
+
+    @classmethod
+    def parse(cls, name: str) -> Setting:
+        head, *extras = name.split("+")
+        setting = cls()
+        if head.startswith("tokentune-"):
+            setting.ratio = float(head.removeprefix("tokentune-"))
+        elif head in ("lora", "qlora"):
+            extras.append(head)
+        elif head != "full":
+            raise ValueError(f"Unknown setting {name!r}: start with 'full', 'lora', 'qlora' or 'tokentune-<ratio>'.")
+        for extra in extras:
+            if extra in ("supervised", "importance") and setting.ratio is not None:
+                setting.selection = extra
+                continue
+            if extra not in ("lora", "qlora", "gc"):
+                raise ValueError(
+                    f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora', '+gc', or with TokenTune "
+                    "'+supervised' or '+importance'."
+                )
+            setting.lora |= extra in ("lora", "qlora")
+            setting.quantized |= extra == "qlora"
+            setting.checkpointing |= extra == "gc"
+        return setting
+
+    @property
+    def baseline(self) -> str:
+        """The same setting without TokenTune."""
+        name = "qlora" if self.quantized else "lora" if self.lora else "full"
+        return name + ("+gc" if self.checkpointing else "")
+
+
+@dataclass
+class Measurement:
+    setting: str
+    seq_len: int
+    saved_activation_bytes: int
+    keys_values_bytes: int
+    selected_fraction: float
+    peak_memory_bytes: int
+    step_seconds: float
+    step_seconds_all: list[float]
+
+
+def model_task(model_name: str) -> str:
+    return PRETRAINED_TASKS.get(model_name, "CAUSAL_LM")
+
+
+def stage_model(model_name: str, staging_dir: str) -> str:
+    """The folder a setting loads its model from. A named config's random weights (seed 0) are saved
+    into ``staging_dir`` first, so every setting, quantized or not, loads the same weights from disk
+    and no worker's peak memory includes building them."""
+    if model_name in LLAMA_SIZES:
+        torch.manual_seed(0)
+        config = llama_config(model_name)
+        AutoModelForCausalLM.from_config(config).save_pretrained(staging_dir)
+        return staging_dir
+    if model_name in PRETRAINED_TASKS:
+        from tokentune_peft.cli import offline
+
+        return offline.minilm_path() if model_name == "minilm" else offline.smollm2_path()
+    return model_name
+
+
+def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dtype, device: str):
+    """The model saved in ``folder`` set up for ``setting``, in training mode."""
+    quantization = None
+    if setting.quantized:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    task = model_task(model_name)
+    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, quantization_config=quantization)
+    if setting.quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = model.to(device)
+    if setting.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    adapter = LoraConfig(r=8, target_modules="all-linear", task_type=task) if setting.lora else None
+    if setting.ratio is not None:
+        config = TokenTuneConfig(
+            selection_ratio=setting.ratio, task_type=task, peft_config=adapter, selection=setting.selection
+        )
+        model = get_peft_model(model, config)
+    elif adapter is not None:
+        model = get_peft_model(model, adapter)
+    return model.train()
+
+
+def keys_and_values_bytes(model_config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of every layer's keys and values for one batch (what TokenTune keeps for all tokens).
+
+    Example:
+        >>> keys_and_values_bytes(llama_config("llama-256"), 2, 512, torch.float32) // MIB
+        4
+    """
+    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    element = torch.finfo(dtype).bits // 8
+    return 2 * model_config.num_hidden_layers * batch_size * seq_len * heads * head_dim * element
+
+
+def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: int) -> Measurement:
+    """Measure one setting: bytes saved for backward, process peak memory, median training-step time."""
+    setting = Setting.parse(setting_name)
+    torch_dtype = DTYPES[args.dtype]
+    model = build_model(args.model, args.model_folder, setting, torch_dtype, args.device)
+    model_name, batch_size, warmup = args.model, args.batch_size, args.warmup
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+    labels = input_ids if model_task(model_name) == "CAUSAL_LM" else torch.randint(0, 2, (batch_size,))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = {key: value.to(device) for key, value in batch.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    outputs = {}
+    saved = saved_activation_bytes(model, lambda: outputs.setdefault("out", model(**batch)))
+    selected = outputs.pop("out").get("selected_positions")
+    fraction = 1.0 if selected is None else float((selected >= 0).sum()) / input_ids.numel()
+
+    reset_peak_memory(device)
+    times = []
+    for step in range(warmup + steps):
+        _synchronize(device)
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = peak_memory(device)
+    return Measurement(
+        setting=setting_name,
+        seq_len=seq_len,
+        saved_activation_bytes=saved,
+        keys_values_bytes=keys_and_values_bytes(model.config, batch_size, seq_len, torch_dtype),
+        selected_fraction=fraction,
+        peak_memory_bytes=peak,
+        step_seconds=statistics.median(times),
+        step_seconds_all=times,
+    )
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting peak memory from now: the training steps, not the model's loading.
+
+    On CPU, writing 5 to /proc/self/clear_refs resets the process's peak resident set (VmHWM); loading
+    a 4-bit model reads its full-precision weights first, which would otherwise set the peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since :func:`reset_peak_memory`: allocated on the GPU, resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory needs Linux.")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class BenchmarkArguments:
+    model: str = field(
+        default="llama-1024",
+        metadata={
+            "help": f"A named config {tuple(LLAMA_SIZES)} with random "
+            f"weights, an offline pretrained model {tuple(PRETRAINED_TASKS)}, or a local folder."
+        },
+    )
+    settings: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SETTINGS),
+        metadata={"help": "Settings: full, lora, qlora or tokentune-<ratio>, each optionally with +lora, +qlora, +gc."},
+    )
+    batch_size: int = field(default=2, metadata={"help": "Sequences per batch."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence for the settings table."})
+    sweep: bool = field(default=True, metadata={"help": "Also run the sequence-length sweep."})
+    sweep_seq_lens: list[int] = field(
+        default_factory=lambda: [256, 512, 1024, 2048, 4096],
+        metadata={"help": "Sequence lengths of the sweep (empty: no sweep)."},
+    )
+    sweep_settings: list[str] = field(
+        default_factory=lambda: ["full", "tokentune-0.3"], metadata={"help": "Settings measured at each sweep length."}
+    )
+    dtype: str = field(default="float32", metadata={"help": f"One of {tuple(DTYPES)}."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    steps: int = field(default=5, metadata={"help": "Timed training steps; the median is reported."})
+    warmup: int = field(default=1, metadata={"help": "Untimed steps first."})
+    sweep_steps: int = field(default=2, metadata={"help": "Timed steps per sweep point."})
+    output_dir: str = field(default="outputs/benchmark", metadata={"help": "Where results and plots go."})
+    quick: bool = field(default=False, metadata={"help": "A seconds-long run on a tiny config, in one process (CI)."})
+    separate_processes: bool = field(
+        default=True,
+        metadata={"help": "Measure each setting in a process of its own (otherwise peak memory is the whole run's)."},
+    )
+    worker: bool = field(default=False, metadata={"help": "Internal: measure one setting, print JSON."})
+    model_folder: str | None = field(default=None, metadata={"help": "Internal: where workers load the model."})
+
+    def __post_init__(self):
+        if self.quick:
+            self.model, self.batch_size, self.seq_len, self.steps, self.sweep_steps = "llama-tiny", 2, 64, 2, 1
+            self.settings = ["full", "lora", "tokentune-0.3", "tokentune-0.3+lora", "tokentune-0.3+gc"]
+            self.sweep_seq_lens = [32, 64]
+            self.separate_processes = False
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {tuple(DTYPES)}; got {self.dtype!r}.")
+
+
+def run_worker(args: BenchmarkArguments, setting: str, seq_len: int, steps: int) -> dict:
+    """Measure one setting, in a process of its own unless ``args.separate_processes`` is off."""
+    if not args.separate_processes:
+        return asdict(measure(args, setting, seq_len, steps))
+    flags = {
+        "model": args.model,
+        "model_folder": args.model_folder,
+        "settings": setting,
+        "seq_len": seq_len,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": args.device,
+        "steps": steps,
+        "warmup": args.warmup,
+    }
+    command = [sys.executable, os.path.abspath(__file__), "--worker"]
+    for name, value in flags.items():
+        command += [f"--{name}", str(value)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"setting": setting, "seq_len": seq_len, "error": result.stderr.strip().splitlines()[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Add ratios to full fine-tuning, and to the ideal against each row's own baseline (the same
+    setting without TokenTune): ideal = r x baseline + (1 - r) x all keys and values."""
+    by_name = {(row["setting"], row["seq_len"]): row for row in rows if "error" not in row}
+    for row in rows:
+        full = by_name.get(("full", row["seq_len"]))
+        if "error" in row or full is None:
+            continue
+        for key in ("saved_activation_bytes", "peak_memory_bytes", "step_seconds"):
+            row[f"{key}_vs_full"] = row[key] / full[key]
+        baseline = by_name.get((Setting.parse(row["setting"]).baseline, row["seq_len"]))
+        if Setting.parse(row["setting"]).ratio is not None and baseline is not None:
+            r = row["selected_fraction"]
+            ideal = r * baseline["saved_activation_bytes"] + (1 - r) * row["keys_values_bytes"]
+            row["saved_vs_ideal"] = row["saved_activation_bytes"] / ideal
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| setting | tokens | saved activations (MiB) | vs full | vs ideal | peak memory (MiB) | vs full "
+        "| step (s) | vs full |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['setting']} | {row['seq_len']} | failed: {row['error'][:80]} |||||||")
+            continue
+        ideal = f"{row['saved_vs_ideal']:.3f}" if "saved_vs_ideal" in row else "-"
+        lines.append(
+            f"| {row['setting']} | {row['seq_len']} | {row['saved_activation_bytes'] / MIB:.1f} "
+            f"| {row.get('saved_activation_bytes_vs_full', float('nan')):.3f} | {ideal} "
+            f"| {row['peak_memory_bytes'] / MIB:.0f} | {row.get('peak_memory_bytes_vs_full', float('nan')):.3f} "
+            f"| {row['step_seconds']:.3f} | {row.get('step_seconds_vs_full', float('nan')):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], sweep: list[dict], output_dir: str, caption: str) -> list[str]:
+    """memory_vs_ratio.png, step_time_vs_ratio.png and memory_vs_seq_len.png; returns their paths."""
+    paths = []
+    families = {}
+    for row in rows:
+        if "error" in row:
+            continue
+        setting = Setting.parse(row["setting"])
+        if setting.selection != "uniform":  # compared in the selection study's own report
+            continue
+        families.setdefault(setting.baseline, {})[setting.ratio if setting.ratio is not None else 1.0] = row
+    for key, label, name in [
+        ("saved_activation_bytes", "saved activations (MiB)", "memory_vs_ratio.png"),
+        ("step_seconds", "training step (s)", "step_time_vs_ratio.png"),
+    ]:
+        figure, (axis,) = new_figure()
+        for family, points in sorted(families.items()):
+            ratios = sorted(points)
+            scale = MIB if key.endswith("bytes") else 1
+            axis.plot(
+                ratios,
+                [points[r][key] / scale for r in ratios],
+                marker="o",
+                label=f"TokenTune{'' if family == 'full' else ' + ' + family} (1.0 = {family})",
+            )
+        axis.set_xlabel("selection ratio")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+        paths.append(save_figure(figure, os.path.join(output_dir, name), caption))
+    if sweep:
+        figure, (axis,) = new_figure()
+        for setting in sorted({row["setting"] for row in sweep}):
+            points = sorted(
+                (row["seq_len"], row["saved_activation_bytes"] / MIB)
+                for row in sweep
+                if row["setting"] == setting and "error" not in row
+            )
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=setting)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("tokens per sequence")
+        axis.set_ylabel("saved activations (MiB)")
+        axis.legend(fontsize=8)
+        paths.append(save_figure(figure, os.path.join(output_dir, "memory_vs_seq_len.png"), caption))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python scripts/benchmark.py``."""
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+    if args.worker:
+        print(json.dumps(asdict(measure(args, args.settings[0], args.seq_len, args.steps))))
+        return
+    with tempfile.TemporaryDirectory() as staging_dir:
+        args.model_folder = stage_model(args.model, staging_dir)
+        run_all(args)
+
+
+def run_all(args: BenchmarkArguments) -> None:
+    """Measure every setting and the sweep; write the table, the JSON and the plots."""
+    settings = args.settings if "full" in args.settings else ["full", *args.settings]
+    rows = []
+    for setting in settings:
+        rows.append(run_worker(args, setting, args.seq_len, args.steps))
+        print(f"{setting}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'step_seconds_all'})}", flush=True)
+    sweep = []
+    for seq_len in args.sweep_seq_lens if args.sweep else []:
+        for setting in args.sweep_settings:
+            sweep.append(run_worker(args, setting, seq_len, args.sweep_steps))
+            print(
+                f"sweep {seq_len} {setting}: {sweep[-1].get('saved_activation_bytes', sweep[-1].get('error'))}",
+                flush=True,
+            )
+    rows, sweep = with_ratios(rows), with_ratios(sweep)
+    machine = machine_description(args.device)
+    caption = f"{args.model}, batch {args.batch_size}, {args.dtype}, {args.device}; {machine}"
+    os.makedirs(args.output_dir, exist_ok=True)
+    report = (
+        f"Model {args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, {args.device}; "
+        f"machine: {machine}.\n\n{markdown_table(rows)}\n"
+    )
+    if sweep:
+        report += f"\nSequence-length sweep (batch {args.batch_size}):\n\n{markdown_table(sweep)}\n"
+    with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
+        handle.write(report)
+    results = {
+        "arguments": asdict(args),
+        "machine": machine,
+        "results": rows,
+        "sweep": sweep,
+        "plots": plot(rows, sweep, args.output_dir, caption),
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(report)
+
 
 if __name__ == "__main__":
     main()

@@ -29,8 +29,7 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.distributed import set_backward_prefetch
-
-MIB = 2**20
+from tokentune_peft.memory import MIB
 
 
 @dataclass

@@ -21,10 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from trl import SFTConfig
 
 from tokentune_peft import TokenTuneConfig, saved_activation_bytes
-from tokentune_peft.offline import load_chatterbot_pairs, smollm2_path
+from tokentune_peft.cli.offline import load_chatterbot_pairs, smollm2_path
+from tokentune_peft.memory import MIB
 from tokentune_peft.sft_trainer import TokenTuneSFTTrainer
-
-MIB = 2**20
 
 
 @dataclass

@@ -1,7 +1,11 @@
+"""pytest setup: the tests import their helpers and the scripts/ studies by name; nothing reaches the Hub."""
+
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The studies and benchmarks in scripts/ are run from a checkout; their tests import them from there.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # A script that `accelerate launch` runs (test_distributed.py); importing it would start the check.

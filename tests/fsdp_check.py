@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.distributed import set_backward_prefetch  # noqa: E402
 
-from tiny_models import build_model, fixed_selection, make_batch  # noqa: E402
+from helpers import build_model, fixed_selection, make_batch  # noqa: E402
 
 
 def tokentune_model(lora: bool) -> PeftModel:

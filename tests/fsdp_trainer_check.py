@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 
-from tiny_models import build_model, make_batch  # noqa: E402
+from helpers import build_model, make_batch  # noqa: E402
 
 
 def train(lora: bool, fsdp: bool) -> dict:

@@ -32,8 +32,9 @@ def _naive_attention(module, query, key, value, attention_mask, **kwargs):
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register("naive_tokentune", _naive_attention)
-AttentionMaskInterface.register("naive_tokentune", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+def _register_naive_attention() -> None:
+    AttentionInterface.register("naive_tokentune", _naive_attention)
+    AttentionMaskInterface.register("naive_tokentune", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def _detach_layer_input(module, args, kwargs):
@@ -52,6 +53,7 @@ def selection_mask(selected_positions: torch.Tensor, seq_len: int) -> torch.Tens
 
 def naive_tokentune_loss(model: nn.Module, batch: dict, selected_positions: torch.Tensor, task: str):
     """Loss of the naive definition; ``model`` is a transformers model (with or without LoRA layers)."""
+    _register_naive_attention()
     seq_len = batch["input_ids"].shape[1]
     in_s = selection_mask(selected_positions, seq_len)
     _current_selection["mask"] = in_s

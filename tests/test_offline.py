@@ -23,7 +23,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tokentune_peft import offline
+from tokentune_peft.cli import offline
 
 
 def requires(*modules: str) -> pytest.MarkDecorator:

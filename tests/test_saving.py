@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tokentune_peft import TokenTuneConfig
 
-from tiny_models import build_model, make_batch
+from helpers import build_model, make_batch
 
 
 def train_one_step(model, batch):

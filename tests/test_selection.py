@@ -8,15 +8,7 @@ from hypothesis import strategies as st
 
 from tokentune_peft.selection.sampling import sample_positions, selection_sizes, validate_selected_positions
 
-
-def padded_mask(lengths: list[int], seq_len: int, left: bool) -> torch.Tensor:
-    mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        if left:
-            mask[row, seq_len - n :] = 1
-        else:
-            mask[row, :n] = 1
-    return mask
+from helpers import padded_mask
 
 
 @settings(max_examples=60, deadline=None)

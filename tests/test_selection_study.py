@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from tokentune_peft.selection_study import TASK_STRATEGIES, main
-
-from test_recipes import offline_installed
+from helpers import offline_installed
+from selection_study import TASK_STRATEGIES, main
 
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")

@@ -18,8 +18,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.sft_trainer import TokenTuneSFTTrainer  # noqa: E402
 
+from helpers import STEP_BY_STEP, build_model, char_tokenizer  # noqa: E402
 from naive_reference import naive_tokentune_loss  # noqa: E402
-from tiny_models import build_model, char_tokenizer  # noqa: E402
 
 WORDS = ["cat", "dog", "house", "tree", "blue sky", "mouse", "sun", "moon"]
 TEXT = [{"text": f"the {w} is here."} for w in WORDS]
@@ -41,18 +41,8 @@ SETTINGS = {
 
 
 def sft_config(output_dir, variant: str, **overrides) -> SFTConfig:
-    settings = dict(
-        max_steps=3,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        learning_rate=0.01,
-        optim="sgd",
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,  # SFTConfig's default autocasts to bf16: compare in fp32
-        seed=0,
-    )
+    # SFTConfig's default autocasts to bf16: compare in fp32
+    settings = dict(STEP_BY_STEP, per_device_train_batch_size=4, learning_rate=0.01, bf16=False)
     return SFTConfig(str(output_dir), **{**settings, **SETTINGS[variant], **overrides})
 
 

@@ -15,8 +15,8 @@ from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.trainer import TokenTuneTrainer
 
+from helpers import MOE_DECODERS, STEP_BY_STEP, build_model, fixed_selection, make_batch
 from naive_reference import naive_tokentune_loss
-from tiny_models import MOE_DECODERS, build_model, fixed_selection, make_batch
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -171,17 +171,7 @@ def examples(task: str, count: int = 8) -> list[dict]:
 
 
 def arguments(output_dir, **overrides) -> TrainingArguments:
-    settings = dict(
-        per_device_train_batch_size=2,
-        max_steps=3,
-        logging_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
+    settings = dict(STEP_BY_STEP, per_device_train_batch_size=2, learning_rate=0.1)
     return TrainingArguments(str(output_dir), **{**settings, **overrides})
 
 

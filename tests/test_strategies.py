@@ -15,10 +15,8 @@ from tokentune_peft.attention import TokenTuneStep
 from tokentune_peft.selection import TokenSelector
 from tokentune_peft.selection.sampling import evenly_spaced, selection_budget, validate_selected_positions
 
+from helpers import assert_same_grads, build_model, head_position, make_batch, padded_mask
 from naive_reference import naive_tokentune_loss
-from test_engine import assert_same_grads
-from test_selection import padded_mask
-from tiny_models import build_model, head_position, make_batch
 
 STRATEGIES = ("uniform", "supervised", "importance")
 CASES = [("llama", "CAUSAL_LM"), ("llama", "TOKEN_CLS"), ("bert", "SEQ_CLS"), ("llama", "SEQ_CLS")]

@@ -5,52 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.trainer import TokenTuneTrainer
 
-from tiny_models import build_model
-
-
-def causal_lm_examples(count: int = 16, seq_len: int = 12, seed: int = 0) -> list[dict]:
-    """Rows of different lengths (right padding) with labels on their second half only."""
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for index in range(count):
-        length = 6 + index % 7
-        input_ids = torch.zeros(seq_len, dtype=torch.long)
-        input_ids[:length] = torch.randint(2, 128, (length,), generator=generator)
-        attention_mask = (torch.arange(seq_len) < length).long()
-        labels = input_ids.masked_fill((attention_mask == 0) | (torch.arange(seq_len) < length // 2), -100)
-        examples.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
-    return examples
-
-
-def tokentune_model(seed: int = 0, lora: bool = False, selection: str = "uniform"):
-    adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
-    torch.manual_seed(seed)
-    return get_peft_model(
-        build_model("llama", "CAUSAL_LM", seed=seed),
-        TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=0.3, peft_config=adapter, selection=selection),
-    )
-
-
-def arguments(output_dir, **overrides) -> TrainingArguments:
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=3,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    return TrainingArguments(**(settings | overrides))
+from helpers import arguments, build_model, causal_lm_examples, tokentune_model
 
 
 def trained_weights(model) -> dict[str, torch.Tensor]:

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+#: Bytes in a mebibyte, for reports.
+MIB = 2**20
+
 
 class SavedTensorMeter:
     """Count the bytes of tensors saved for backward while the context is open.

@@ -17,12 +17,11 @@ from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .engine import TokenTuneEngine
-from .memory import SavedTensorMeter
+from .memory import MIB, SavedTensorMeter
 from .selection.labels import selected_targets
 from .tuner import TokenTuneLoraModel, TokenTuneModel
 
 SELECTION_STATE_FILE = "tokentune_selection_rng_{}.pth"
-MIB = 2**20
 
 
 def tokentune_engine_of(model: nn.Module) -> TokenTuneEngine:

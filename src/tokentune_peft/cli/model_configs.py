@@ -1,0 +1,48 @@
+"""Model configs built in code, defined once: tiny ones for tests and the CI recipe, and the Llama
+sizes the benchmarks use. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from transformers import BertConfig, LlamaConfig, PretrainedConfig
+
+
+def _sizes(hidden: int, intermediate: int, layers: int, heads: int, **more) -> dict:
+    return dict(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads, **more
+    )
+
+
+#: Llama-architecture sizes, vocabulary 32,000 (1,024 for "llama-tiny").
+LLAMA_SIZES = {
+    "llama-tiny": _sizes(64, 128, 2, 4, num_key_value_heads=2, vocab_size=1024),
+    "llama-256": _sizes(256, 688, 4, 8, num_key_value_heads=4, vocab_size=32000),
+    "llama-1024": _sizes(1024, 2816, 8, 16, num_key_value_heads=8, vocab_size=32000),
+    "llama-1b": _sizes(2048, 5632, 16, 32, num_key_value_heads=8, vocab_size=32000),
+}
+#: A tiny BERT, the encoder counterpart of "llama-tiny".
+BERT_TINY = _sizes(64, 128, 2, 4)
+#: Tiny random models a recipe can name (``model_name``), trained from scratch.
+TINY_MODELS = {"tiny-llama": (LlamaConfig, LLAMA_SIZES["llama-tiny"]), "tiny-bert": (BertConfig, BERT_TINY)}
+
+
+def llama_config(name: str, **overrides) -> LlamaConfig:
+    """A Llama config of one of the :data:`LLAMA_SIZES`, with any field overridden.
+
+    Example:
+        >>> llama_config("llama-256", vocab_size=1024).hidden_size
+        256
+    """
+    if name not in LLAMA_SIZES:
+        raise ValueError(f"`model` must be one of {tuple(LLAMA_SIZES)}; got {name!r}.")
+    return LlamaConfig(**{**LLAMA_SIZES[name], **overrides})
+
+
+def tiny_model_config(name: str, vocab_size: int) -> PretrainedConfig:
+    """The config of a tiny recipe model ("tiny-llama" or "tiny-bert") for a tokenizer of ``vocab_size``.
+
+    Example:
+        >>> type(tiny_model_config("tiny-bert", 100)).__name__
+        'BertConfig'
+    """
+    config_class, sizes = TINY_MODELS[name]
+    return config_class(**{**sizes, "vocab_size": vocab_size})
