@@ -225,3 +225,16 @@ def test_importance_is_drawn_in_the_forward_from_the_trainers_generator(tmp_path
     assert not torch.equal(trainer.selection_generator.get_state(), trainer_state)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2 and all(0.3 <= entry["selection_ratio"] <= 0.45 for entry in logged)
+
+
+def test_positions_follow_the_tokentune_seed_not_the_training_seed(tmp_path):
+    def first_positions(config_seed: int, training_seed: int) -> torch.Tensor:
+        model = get_peft_model(
+            build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", seed=config_seed)
+        )
+        trainer = TokenTuneTrainer(model=model, args=arguments(tmp_path, seed=training_seed))
+        (batch,), _ = trainer.get_batch_samples(iter([one_batch()]), 1, torch.device("cpu"))
+        return batch["selected_positions"]
+
+    assert torch.equal(first_positions(5, training_seed=1), first_positions(5, training_seed=2))
+    assert not torch.equal(first_positions(5, training_seed=1), first_positions(6, training_seed=1))

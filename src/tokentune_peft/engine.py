@@ -11,7 +11,9 @@ strategy, :mod:`tokentune_peft.selection.strategies`):
    and values are written into the recorded ones, so the selected queries attend to every token under
    the model's own mask. Every other module (embeddings, norms, MLPs, heads) sees only the selected
    rows, so autograd keeps only their activations, plus the keys and values of all tokens.
-3. **Loss on S**, as the model defines it for its task.
+3. **Loss on S**, computed by the model's own forward in pass 2 from the selected slots' targets
+   (``labels``, and ``shift_labels`` for causal LM), so whatever computes the model's loss (its
+   ``loss_function``, an MoE router loss, TRL's fused LM head) applies to S.
 
 The gradient equals that of a full-sequence forward whose layer inputs and attention keys/values are
 detached outside S, with the loss on S: the TokenTune definition.
