@@ -19,7 +19,8 @@ detached outside S, with the loss on S: the TokenTune definition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +33,9 @@ from .labels import IGNORE_INDEX, selected_targets
 from .outputs import with_selected_positions
 from .selection import PAD_POSITION, validate_selected_positions
 from .selectors import TokenSelector
+from .single_pass import SINGLE_PASS, TWO_PASS, SinglePassStep, SinglePassUnsupported, single_pass_blocker
+
+logger = logging.getLogger(__name__)
 
 #: Flash-attention "varlen" inputs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
 FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -80,10 +84,18 @@ class TokenTuneEngine:
     Args:
         selector: chooses the positions when a batch brings none.
         generator: CPU generator used for sampling (the trainer swaps in its own, which it checkpoints).
+        engine: "auto" (the single pass where it can run, else two passes), "single-pass" or "two-pass".
+
+    After a step, ``engine_used`` says which step ran ("single-pass" or "two-pass") and
+    ``engine_reason`` why not the single pass (None when it ran).
     """
 
     selector: TokenSelector
     generator: torch.Generator
+    engine: str = "auto"
+    engine_used: str | None = field(default=None, init=False)
+    engine_reason: str | None = field(default=None, init=False)
+    _single_pass_failure: str | None = field(default=None, init=False, repr=False)
 
     @property
     def task_type(self) -> str:
@@ -124,15 +136,18 @@ class TokenTuneEngine:
         if selected_positions is None:
             self._check_loss_count(tokentune_trainer, kwargs)
         positions = self._full_position_ids(model, input_ids, position_ids)
-        step, selected_positions = self._pass_one(
-            model, input_ids, attention_mask, real_tokens, positions, token_type_ids, labels, selected_positions
-        )
+        selected_positions = self._positions_before_forward(model, input_ids, real_tokens, labels, selected_positions)
+        single_pass = self._use_single_pass(model, drawn_in_forward=selected_positions is None)
+        step = None
+        if not single_pass:
+            step, selected_positions = self._pass_one(
+                model, input_ids, attention_mask, token_type_ids, positions, real_tokens, labels, selected_positions
+            )
         if head is not None and not (selected_positions == head[:, None]).any(dim=1).all():
             raise ValueError(
                 f"`selected_positions` must include the token the classification head reads, at positions "
                 f"{head.tolist()}."
             )
-        step.select(selected_positions)
         valid = selected_positions != PAD_POSITION
         slots = selected_positions.clamp(min=0)
 
@@ -147,7 +162,6 @@ class TokenTuneEngine:
             "attention_mask": valid.long(),
             "position_ids": positions.gather(1, slots),
             "use_cache": False,
-            "tokentune_step": step,
         }
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids.expand(batch, seq_len).gather(1, slots)
@@ -161,7 +175,18 @@ class TokenTuneEngine:
                 supervised = bool((targets != IGNORE_INDEX).any())
                 if not supervised and kwargs.get("num_items_in_batch") is None:
                     kwargs["num_items_in_batch"] = 1  # a sum over no terms: zero loss, not 0 / 0
-        output = model(**inputs, **kwargs)
+        output = None
+        if single_pass:  # None if the single pass gave up on this model
+            output = self._single_pass(
+                model, (input_ids, attention_mask, token_type_ids, positions), selected_positions, {**inputs, **kwargs}
+            )
+        if output is None:
+            if step is None:
+                step, _ = self._pass_one(
+                    model, input_ids, attention_mask, token_type_ids, positions, real_tokens, labels, selected_positions
+                )
+            step.select(selected_positions)
+            output = model(**inputs, **kwargs, tokentune_step=step)
         if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
             output["loss"] = output["logits"].sum() * 0.0
         return with_selected_positions(output, selected_positions)
@@ -205,22 +230,60 @@ class TokenTuneEngine:
                 "Trainer subclass), or pass `selected_positions` and count their supervised tokens."
             )
 
+    def _positions_before_forward(self, model, input_ids, real_tokens, labels, selected_positions):
+        """The positions the step runs, when known before any forward: given, or sampled now. None for a
+        strategy that draws them from the no-grad pass ("importance")."""
+        if selected_positions is not None:
+            selected_positions = selected_positions.to(input_ids.device)
+            validate_selected_positions(selected_positions, real_tokens)
+            return selected_positions
+        if self.selector.selects_in_forward:
+            return None
+        return self.sample(model, input_ids, real_tokens, labels=labels)
+
+    def _use_single_pass(self, model: nn.Module, drawn_in_forward: bool) -> bool:
+        """Whether this step runs in a single pass; logs the engine when the choice changes."""
+        reason = single_pass_blocker(model, drawn_in_forward) if self.engine != TWO_PASS else "the config asks for it"
+        if reason is None:
+            reason = self._single_pass_failure
+        if reason is not None and self.engine == SINGLE_PASS:
+            raise ValueError(f"TokenTuneConfig(engine={SINGLE_PASS!r}) cannot run this step: {reason}.")
+        self._announce(SINGLE_PASS if reason is None else TWO_PASS, reason)
+        return reason is None
+
+    def _announce(self, engine: str, reason: str | None) -> None:
+        if (engine, reason) != (self.engine_used, self.engine_reason):
+            why = "" if reason is None else f" ({reason})"
+            logger.info("TokenTune runs the %s step%s.", engine, why)
+        self.engine_used, self.engine_reason = engine, reason
+
+    def _single_pass(self, model, backbone_inputs: tuple, selected_positions, grad_inputs: dict):
+        """The grad group's output of a single-pass step, or None if the model cannot run one."""
+        input_ids, attention_mask, token_type_ids, positions = backbone_inputs
+        full = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+        if token_type_ids is not None:
+            full["token_type_ids"] = token_type_ids
+        try:
+            return SinglePassStep(input_ids.shape[1], selected_positions).run(model, full, grad_inputs)
+        except SinglePassUnsupported as error:
+            if self.engine == SINGLE_PASS:
+                raise
+            logger.warning("TokenTune falls back to the two-pass step for this model: %s", error)
+            self._single_pass_failure = str(error)
+            self._announce(TWO_PASS, str(error))
+            return None
+
     def _pass_one(
-        self, model, input_ids, attention_mask, real_tokens, positions, token_type_ids, labels, selected_positions
+        self, model, input_ids, attention_mask, token_type_ids, positions, real_tokens, labels, selected_positions
     ):
-        """Pass 1 (no autograd, all tokens), and the positions pass 2 runs: given, sampled before
-        pass 1, or drawn from the importance pass 1 measured ("importance").
+        """Pass 1 of the two-pass step (no autograd, all tokens), and the positions pass 2 runs: those
+        given (or sampled before), or, when None, drawn from the importance pass 1 measured ("importance").
 
         Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
         (per document in a packed batch); selection counts ``real_tokens``."""
         observer = None
-        if selected_positions is not None:
-            selected_positions = selected_positions.to(input_ids.device)
-            validate_selected_positions(selected_positions, real_tokens)
-        elif self.selector.selects_in_forward:
+        if selected_positions is None:
             observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
-        else:
-            selected_positions = self.sample(model, input_ids, real_tokens, labels=labels)
         step = TokenTuneStep(input_ids.shape[1], observer=observer)
         with torch.no_grad():
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}

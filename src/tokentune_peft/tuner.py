@@ -48,7 +48,9 @@ class _TokenTuneStepMixin:
             strategy=config.selection,
             uniform_share=config.uniform_share or 0.0,
         )
-        self.tokentune_engine = TokenTuneEngine(selector, generator=torch.Generator().manual_seed(config.seed))
+        self.tokentune_engine = TokenTuneEngine(
+            selector, generator=torch.Generator().manual_seed(config.seed), engine=config.engine
+        )
 
     def forward(self, *args: Any, **kwargs: Any):
         """A TokenTune step when training with autograd on; the wrapped model's forward otherwise."""

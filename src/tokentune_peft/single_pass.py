@@ -1,0 +1,353 @@
+"""The single-pass TokenTune step: every token's forward runs once.
+
+The two-pass step (:mod:`tokentune_peft.engine`) runs the backbone on all N tokens without autograd,
+then again on the k selected tokens with it, so the selected tokens' forward is computed twice. Here
+the batch is split into two row groups that run as two cooperating calls of the same model:
+
+* the **grad group** (the caller's thread, autograd on) runs the whole model on the selected tokens,
+  exactly the call the two-pass engine makes in its pass 2, and returns the output and the loss;
+* the **no-grad group** (a helper thread under ``torch.no_grad``) runs only the backbone on the
+  other tokens; its output is discarded.
+
+They meet in every self-attention, through the attention function TokenTune registers with
+transformers: the no-grad group arrives first and leaves its keys and values; the grad group writes
+its own, differentiable keys and values beside them, its queries attend to all N tokens, and it
+hands the detached keys and values back; the no-grad group's queries attend to them in turn. The
+two calls run in strict alternation (one thread runs at a time, in a fixed order), so the random
+number stream, and with it dropout, is the same from run to run.
+
+Each group's queries need the rows of the model's own full-sequence masks (causal, padding, sliding
+window, packed documents), which the model builds from its inputs before its layers run. A short
+**probe** builds them: the backbone starts on the whole batch without autograd and stops at its first
+attention call, after the masks are built (embeddings and the first layer's projections run, about
+one layer in 2L). The groups' own calls then receive those masks in place of the ones they would
+build from their partial rows (:func:`tokentune_peft.attention.mask_hook`).
+
+Where the single pass cannot run, :func:`single_pass_blocker` names the reason and the engine runs
+the two-pass step instead.
+
+The gradient is the TokenTune gradient, as with two passes: only the selected rows and all tokens'
+keys and values are kept for backward.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import allowed_keys, mask_hook
+from .selection import PAD_POSITION
+
+SINGLE_PASS = "single-pass"
+TWO_PASS = "two-pass"
+ENGINE_CHOICES = ("auto", SINGLE_PASS, TWO_PASS)
+GRAD, NO_GRAD = "grad", "no-grad"
+
+
+class SinglePassUnsupported(RuntimeError):
+    """The model did something the single pass cannot follow; the engine reruns the step in two passes."""
+
+
+class _ProbeDone(Exception):
+    """Raised at the probe's first attention call, once the model has built its masks."""
+
+
+class _Aborted(Exception):
+    """Raised in the no-grad group when the grad group failed: it must stop, not wait forever."""
+
+
+def complement_positions(selected_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions not in ``selected_positions`` ([batch, k], -1 padded), in order, -1 padded.
+
+    Example:
+        >>> complement_positions(torch.tensor([[0, 2], [1, -1]]), 4).tolist()
+        [[1, 3, -1], [0, 2, 3]]
+    """
+    batch = selected_positions.shape[0]
+    selected = torch.zeros(batch, seq_len + 1, dtype=torch.bool, device=selected_positions.device)
+    selected.scatter_(1, torch.where(selected_positions < 0, seq_len, selected_positions), True)
+    rest = ~selected[:, :seq_len]
+    width = int(rest.sum(dim=1).max())
+    index = torch.arange(seq_len, device=selected_positions.device).expand(batch, seq_len)
+    # Sort the kept positions first, in order; the others (key seq_len + i) after them.
+    order = torch.where(rest, index, seq_len + index).sort(dim=1).values[:, :width]
+    return torch.where(order < seq_len, order, PAD_POSITION)
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        for name in ("attention_dropout", "dropout", "dropout_prob", "attn_dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                return True
+    return False
+
+
+def single_pass_blocker(model: nn.Module, selects_in_forward: bool) -> str | None:
+    """Why the single pass cannot run a step of ``model`` (a transformers model), or None if it can.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> single_pass_blocker(model, selects_in_forward=False) is None
+        True
+        >>> single_pass_blocker(model, selects_in_forward=True)
+        "selection 'importance' draws the positions from a full no-grad pass"
+    """
+    if selects_in_forward:
+        return "selection 'importance' draws the positions from a full no-grad pass"
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()):
+        return "FSDP's hooks gather and free each layer's weights around one call at a time"
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing and _has_dropout(model):
+        return (
+            "gradient checkpointing replays each layer's random numbers, which the two groups draw interleaved, "
+            "so dropout would differ in the recomputation"
+        )
+    return None
+
+
+class _Group:
+    """One row group: its positions ([batch, width], -1 padded) and their flat (row, slot) indices."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.valid = positions != PAD_POSITION
+        self.positions = positions.clamp(min=0)
+        self.rows, self.slots = self.valid.nonzero(as_tuple=True)
+        self.flat_positions = self.positions[self.rows, self.slots]
+        self.row_masks: dict[tuple, torch.Tensor | None] = {}
+
+    def row_mask(self, mask: torch.Tensor | None, is_causal: bool, seq_len: int, dtype: torch.dtype):
+        """This group's rows of a full-sequence mask, as one additive float mask shared by all layers."""
+        key = (id(mask), is_causal, dtype)
+        if key not in self.row_masks:
+            allowed = allowed_keys(mask, is_causal, self.positions, self.valid, seq_len)
+            if allowed is not None:
+                additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+                allowed = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+            self.row_masks[key] = allowed
+        return self.row_masks[key]
+
+    def write(self, full: torch.Tensor, part: torch.Tensor) -> None:
+        """Write this group's rows of ``part`` ([B, H, width, D]) into ``full`` ([B, H, N, D]) in place.
+
+        Indexing by (row, position) on the [B, N, H, D] view makes autograd keep only the indices."""
+        rows = part.transpose(1, 2)[self.rows, self.slots]
+        full.transpose(1, 2).index_put_((self.rows, self.flat_positions), rows)
+
+
+class SinglePassStep:
+    """State of one single-pass step, passed to every attention call as ``tokentune_step``.
+
+    A plain class, like :class:`~tokentune_peft.attention.TokenTuneStep`, so that whatever moves a
+    forward's arguments keeps this one instance.
+
+    Args:
+        seq_len: length N of the full sequences.
+        selected_positions: [batch, k] positions of the grad group, -1 padded.
+    """
+
+    def __init__(self, seq_len: int, selected_positions: torch.Tensor) -> None:
+        self.seq_len = seq_len
+        self.groups = {
+            GRAD: _Group(selected_positions),
+            NO_GRAD: _Group(complement_positions(selected_positions, seq_len)),
+        }
+        self.masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
+        self.probing = True
+        self.finished = False  # the forward is over: attention calls now are gradient checkpointing's replays
+        self.keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._waiting: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None
+        self._turn = NO_GRAD
+        self._condition = threading.Condition()
+        self._no_grad_done = False
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._no_grad_thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"SinglePassStep(seq_len={self.seq_len}, probing={self.probing}, finished={self.finished})"
+
+    # Masks -------------------------------------------------------------------------------------------
+
+    def record_masks(self) -> Any:
+        """Context for the probe: keep every mask the model builds, in order."""
+
+        def hook(build: Callable, *args: Any, **kwargs: Any):
+            mask = build(*args, **kwargs)
+            self.masks.append(mask)
+            return mask
+
+        return mask_hook(hook)
+
+    def replay_masks(self) -> Any:
+        """Context for a group's call: hand out the probe's masks, in the order the model asks for them."""
+        masks = iter(self.masks)
+
+        def hook(build: Callable, *args: Any, **kwargs: Any):
+            try:
+                return next(masks)
+            except StopIteration:
+                raise SinglePassUnsupported(
+                    "The model built more attention masks in a row group's call than on the whole batch."
+                ) from None
+
+        return mask_hook(hook)
+
+    # Attention ---------------------------------------------------------------------------------------
+
+    def attention(self, module, query, key, value, mask, over_all_keys: Callable, kwargs: dict):
+        """One self-attention call of either group: the no-grad group is the helper thread's."""
+        if self.probing:
+            raise _ProbeDone
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        attend = self._attend_no_grad if threading.current_thread() is self._no_grad_thread else self._attend_grad
+        return attend(module, query, key, value, mask, is_causal, over_all_keys, {**kwargs, "is_causal": False})
+
+    def _attend_no_grad(self, module, query, key, value, mask, is_causal, over_all_keys, kwargs):
+        self._waiting = (module, key, value)
+        self._hand_over(GRAD, NO_GRAD)
+        full_keys, full_values = self.keys_values[module]
+        row_mask = self.groups[NO_GRAD].row_mask(mask, is_causal, self.seq_len, query.dtype)
+        return over_all_keys(module, query, full_keys, full_values, row_mask, **kwargs)
+
+    def _attend_grad(self, module, query, key, value, mask, is_causal, over_all_keys, kwargs):
+        if self.finished:  # gradient checkpointing replays a layer in backward: the other rows are kept
+            full_keys, full_values = (tensor.clone() for tensor in self.keys_values[module])
+        else:
+            full_keys, full_values = self._take_no_grad_keys_values(module)
+        group = self.groups[GRAD]
+        group.write(full_keys, key)
+        group.write(full_values, value)
+        row_mask = group.row_mask(mask, is_causal, self.seq_len, query.dtype)
+        output = over_all_keys(module, query, full_keys, full_values, row_mask, **kwargs)
+        if not self.finished:
+            self.keys_values[module] = (full_keys.detach(), full_values.detach())
+            self._hand_over(NO_GRAD, GRAD)
+        return output
+
+    def _take_no_grad_keys_values(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values the no-grad group left for ``module``, in full [B, H, N, D] tensors."""
+        self._raise_no_grad_error()
+        if self._waiting is None or self._waiting[0] is not module:
+            raise SinglePassUnsupported(
+                f"The two row groups reached different attention calls ({type(module).__name__}): the model's "
+                "control flow depends on its inputs."
+            )
+        _, keys, values = self._waiting
+        self._waiting = None
+        group = self.groups[NO_GRAD]
+        full = []
+        for part in (keys, values):
+            batch, heads, _, dim = part.shape
+            tensor = part.new_empty(batch, heads, self.seq_len, dim)
+            group.write(tensor, part)
+            full.append(tensor)
+        return full[0], full[1]
+
+    # Strict alternation ------------------------------------------------------------------------------
+
+    def _hand_over(self, to: str, me: str) -> None:
+        """Give the turn to the other group and wait until it comes back (or the other group ends)."""
+        with self._condition:
+            self._turn = to
+            self._condition.notify_all()
+            while self._turn != me:
+                if me == NO_GRAD and self._aborted:
+                    raise _Aborted
+                self._condition.wait()
+            if me == NO_GRAD and self._aborted:
+                raise _Aborted
+        if me == GRAD:
+            self._raise_no_grad_error()
+
+    def _raise_no_grad_error(self) -> None:
+        error = self._error
+        if error is None:
+            return
+        if isinstance(error, SinglePassUnsupported):
+            raise SinglePassUnsupported(str(error)) from error
+        raise RuntimeError(f"The no-grad row group of a single-pass TokenTune step failed: {error!r}") from error
+
+    def _run_no_grad(self, backbone: nn.Module, inputs: dict) -> None:
+        try:
+            with torch.no_grad(), self.replay_masks():
+                backbone(**inputs, use_cache=False, tokentune_step=self)
+        except _Aborted:
+            pass
+        except BaseException as error:  # handed to the grad group, which raises it
+            self._error = error
+        finally:
+            with self._condition:
+                self._no_grad_done = True
+                self._turn = GRAD
+                self._condition.notify_all()
+
+    def _abort(self) -> None:
+        with self._condition:
+            self._aborted = True
+            self._turn = NO_GRAD
+            self._condition.notify_all()
+
+    def run(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict) -> Any:
+        """Probe the masks, then run both groups; returns the grad group's output (``model(**grad_inputs)``).
+
+        ``backbone_inputs`` hold the whole batch's ``input_ids``, ``attention_mask`` (None included),
+        ``position_ids`` and, if any, ``token_type_ids``.
+        """
+        backbone = model.base_model
+        with torch.no_grad(), self.record_masks():
+            try:
+                backbone(**backbone_inputs, use_cache=False, tokentune_step=self)
+            except _ProbeDone:
+                pass
+            else:
+                raise RuntimeError(
+                    "No attention call reached TokenTune's attention function: the model's attention does not go "
+                    "through transformers' attention registry, or its attention implementation was changed after "
+                    "wrapping."
+                )
+        self.probing = False
+        rest = self.groups[NO_GRAD]
+        no_grad_inputs = {
+            name: value.expand(rest.valid.shape[0], -1).gather(1, rest.positions)
+            for name, value in backbone_inputs.items()
+            if name != "attention_mask" and value is not None
+        }
+        no_grad_inputs["attention_mask"] = rest.valid.long()
+        # A fresh context: transformers' output recorders live in context variables, one set per call.
+        context = contextvars.Context()
+        self._no_grad_thread = threading.Thread(
+            target=context.run, args=(self._run_no_grad, backbone, no_grad_inputs), daemon=True
+        )
+        self._no_grad_thread.start()
+        try:
+            with self._condition:
+                while self._turn != GRAD:
+                    self._condition.wait()
+            self._raise_no_grad_error()
+            with self.replay_masks():
+                output = model(**grad_inputs, tokentune_step=self)
+            if not self._no_grad_done:
+                raise SinglePassUnsupported("The no-grad row group ran more attention calls than the grad group.")
+            self._raise_no_grad_error()
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._no_grad_thread.join()
+        self.finished = True
+        return output
