@@ -40,13 +40,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import allowed_keys, mask_hook
+from .attention import _sdpa_over_all_keys, allowed_keys, mask_hook
 from .selection import PAD_POSITION
 
 SINGLE_PASS = "single-pass"
 TWO_PASS = "two-pass"
 ENGINE_CHOICES = ("auto", SINGLE_PASS, TWO_PASS)
 GRAD, NO_GRAD = "grad", "no-grad"
+#: The attention of a row group runs in up to this many blocks of queries, each over the keys it may see.
+ATTENTION_BLOCKS = 4
+MIN_BLOCK_QUERIES = 32
 
 
 class SinglePassUnsupported(RuntimeError):
@@ -130,15 +133,32 @@ class _Group:
         self.row_masks: dict[tuple, torch.Tensor | None] = {}
 
     def row_mask(self, mask: torch.Tensor | None, is_causal: bool, seq_len: int, dtype: torch.dtype):
-        """This group's rows of a full-sequence mask, as one additive float mask shared by all layers."""
+        """This group's rows of a full-sequence mask, as one additive float mask shared by all layers,
+        and the blocks the attention runs in: ``(first slot, end slot, first key, end key)``."""
         key = (id(mask), is_causal, dtype)
         if key not in self.row_masks:
             allowed = allowed_keys(mask, is_causal, self.positions, self.valid, seq_len)
+            blocks = [(0, self.positions.shape[1], 0, seq_len)]
             if allowed is not None:
+                blocks = self._blocks(allowed & self.valid[:, None, :, None], seq_len)
                 additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
                 allowed = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
-            self.row_masks[key] = allowed
+            self.row_masks[key] = allowed, blocks
         return self.row_masks[key]
+
+    def _blocks(self, allowed: torch.Tensor, seq_len: int) -> list[tuple[int, int, int, int]]:
+        """Split the slots into up to ``ATTENTION_BLOCKS`` runs, each attending only to the span of keys its
+        real queries may see (under a causal or sliding-window mask, a fraction of all keys)."""
+        width = allowed.shape[2]
+        count = max(1, min(ATTENTION_BLOCKS, width // MIN_BLOCK_QUERIES))
+        bounds = [round(i * width / count) for i in range(count + 1)]
+        seen = allowed.any(dim=1).any(dim=0)  # [slots, keys]
+        blocks = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            keys = seen[start:end].any(dim=0).nonzero()
+            first, last = (int(keys[0]), int(keys[-1]) + 1) if keys.numel() else (0, seq_len)
+            blocks.append((start, end, first, last))
+        return blocks
 
     def write(self, full: torch.Tensor, part: torch.Tensor) -> None:
         """Write this group's rows of ``part`` ([B, H, width, D]) into ``full`` ([B, H, N, D]) in place.
@@ -221,8 +241,7 @@ class SinglePassStep:
         self._waiting = (module, key, value)
         self._hand_over(GRAD, NO_GRAD)
         full_keys, full_values = self.keys_values[module]
-        row_mask = self.groups[NO_GRAD].row_mask(mask, is_causal, self.seq_len, query.dtype)
-        return over_all_keys(module, query, full_keys, full_values, row_mask, **kwargs)
+        return self._attend(NO_GRAD, module, query, full_keys, full_values, mask, is_causal, over_all_keys, kwargs)
 
     def _attend_grad(self, module, query, key, value, mask, is_causal, over_all_keys, kwargs):
         if self.finished:  # gradient checkpointing replays a layer in backward: the other rows are kept
@@ -232,12 +251,29 @@ class SinglePassStep:
         group = self.groups[GRAD]
         group.write(full_keys, key)
         group.write(full_values, value)
-        row_mask = group.row_mask(mask, is_causal, self.seq_len, query.dtype)
-        output = over_all_keys(module, query, full_keys, full_values, row_mask, **kwargs)
+        output = self._attend(GRAD, module, query, full_keys, full_values, mask, is_causal, over_all_keys, kwargs)
         if not self.finished:
             self.keys_values[module] = (full_keys.detach(), full_values.detach())
             self._hand_over(NO_GRAD, GRAD)
         return output
+
+    def _attend(self, group, module, query, keys, values, mask, is_causal, over_all_keys, kwargs):
+        """The group's queries over all keys, block by block on sdpa (each block over the keys it may see)."""
+        row_mask, blocks = self.groups[group].row_mask(mask, is_causal, self.seq_len, query.dtype)
+        if len(blocks) == 1 or over_all_keys is not _sdpa_over_all_keys:
+            return over_all_keys(module, query, keys, values, row_mask, **kwargs)
+        outputs = [
+            over_all_keys(
+                module,
+                query[:, :, start:end],
+                keys[:, :, first:last],
+                values[:, :, first:last],
+                row_mask[:, :, start:end, first:last],
+                **kwargs,
+            )[0]
+            for start, end, first, last in blocks
+        ]
+        return torch.cat(outputs, dim=1), None
 
     def _take_no_grad_keys_values(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values the no-grad group left for ``module``, in full [B, H, N, D] tensors."""
