@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import _sdpa_over_all_keys, allowed_keys, mask_hook
 from .selection import PAD_POSITION
@@ -230,7 +231,7 @@ class SinglePassStep:
 
     def attention(self, module, query, key, value, mask, over_all_keys: Callable, kwargs: dict):
         """One self-attention call of either group: the no-grad group is the helper thread's."""
-        if self.probing:
+        if self.probing:  # a model without GradientCheckpointingLayer layers
             raise _ProbeDone
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
@@ -318,9 +319,9 @@ class SinglePassStep:
             raise SinglePassUnsupported(str(error)) from error
         raise RuntimeError(f"The no-grad row group of a single-pass TokenTune step failed: {error!r}") from error
 
-    def _run_no_grad(self, backbone: nn.Module, inputs: dict) -> None:
+    def _run_no_grad(self, backbone: nn.Module, inputs: dict, autocast: dict) -> None:
         try:
-            with torch.no_grad(), self.replay_masks():
+            with torch.no_grad(), torch.autocast(**autocast), self.replay_masks():
                 backbone(**inputs, use_cache=False, tokentune_step=self)
         except _Aborted:
             pass
@@ -345,17 +346,20 @@ class SinglePassStep:
         ``position_ids`` and, if any, ``token_type_ids``.
         """
         backbone = model.base_model
-        with torch.no_grad(), self.record_masks():
-            try:
+        # The probe stops where the first layer starts (or, in a model without such layers, at its first
+        # attention call): by then the model has built its masks.
+        layers = [module for module in backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
+        stop = layers[0].register_forward_pre_hook(self._stop_probe) if layers else None
+        try:
+            with torch.no_grad(), self.record_masks():
                 backbone(**backbone_inputs, use_cache=False, tokentune_step=self)
-            except _ProbeDone:
-                pass
-            else:
-                raise RuntimeError(
-                    "No attention call reached TokenTune's attention function: the model's attention does not go "
-                    "through transformers' attention registry, or its attention implementation was changed after "
-                    "wrapping."
-                )
+        except _ProbeDone:
+            pass
+        else:
+            raise self._no_attention_error()
+        finally:
+            if stop is not None:
+                stop.remove()
         self.probing = False
         rest = self.groups[NO_GRAD]
         no_grad_inputs = {
@@ -364,10 +368,17 @@ class SinglePassStep:
             if name != "attention_mask" and value is not None
         }
         no_grad_inputs["attention_mask"] = rest.valid.long()
+        # Autocast is set per thread: the no-grad group computes in the caller's precision.
+        device = backbone_inputs["input_ids"].device.type
+        autocast = {
+            "device_type": device,
+            "dtype": torch.get_autocast_dtype(device),
+            "enabled": torch.is_autocast_enabled(device),
+        }
         # A fresh context: transformers' output recorders live in context variables, one set per call.
         context = contextvars.Context()
         self._no_grad_thread = threading.Thread(
-            target=context.run, args=(self._run_no_grad, backbone, no_grad_inputs), daemon=True
+            target=context.run, args=(self._run_no_grad, backbone, no_grad_inputs, autocast), daemon=True
         )
         self._no_grad_thread.start()
         try:
@@ -385,5 +396,19 @@ class SinglePassStep:
             raise
         finally:
             self._no_grad_thread.join()
+        if not self.keys_values:
+            raise self._no_attention_error()
         self.finished = True
         return output
+
+    @staticmethod
+    def _stop_probe(module: nn.Module, args: Any) -> None:
+        raise _ProbeDone
+
+    @staticmethod
+    def _no_attention_error() -> RuntimeError:
+        return RuntimeError(
+            "No attention call reached TokenTune's attention function: the model's attention does not go "
+            "through transformers' attention registry, or its attention implementation was changed after "
+            "wrapping."
+        )
