@@ -15,6 +15,10 @@ strategy, :mod:`tokentune_peft.selectors`):
 
 The gradient equals that of a full-sequence forward whose layer inputs and attention keys/values are
 detached outside S, with the loss on S: the TokenTune definition.
+
+Where it can, the engine runs the same step in a single pass instead (:mod:`tokentune_peft.single_pass`):
+the selected tokens' call of step 2 and a no-grad call over the other tokens hand over at every
+self-attention, so no token's forward runs twice. ``TokenTuneConfig.engine`` picks or forces either.
 """
 
 from __future__ import annotations
