@@ -175,10 +175,10 @@ def test_a_model_the_single_pass_cannot_follow_falls_back_with_a_warning(monkeyp
     batch = make_batch(model, "CAUSAL_LM")
     selected = fixed_selection(batch, "llama", "CAUSAL_LM", model)
 
-    def diverge(self, module):
+    def diverge(self, *args):
         raise SinglePassUnsupported("the groups reached different attention calls")
 
-    monkeypatch.setattr(SinglePassStep, "_take_no_grad_keys_values", diverge)
+    monkeypatch.setattr(SinglePassStep, "attend", diverge)
     threads = threading.active_count()
     with caplog.at_level(logging.INFO, logger="tokentune_peft.engine"):
         loss = model(**batch, selected_positions=selected).loss

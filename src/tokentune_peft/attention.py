@@ -213,8 +213,9 @@ def _tokentune_attention(base: str) -> Callable:
         if tokentune_step is None:
             return stock(module, query, key, value, attention_mask, **kwargs)
         over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
-        if not isinstance(tokentune_step, TokenTuneStep):  # the single-pass step (tokentune_peft.single_pass)
-            return tokentune_step.attention(module, query, key, value, attention_mask, over_all_keys, kwargs)
+        step_attention = getattr(tokentune_step, "attention", None)  # the single-pass step's own routing
+        if step_attention is not None:
+            return step_attention(module, query, key, value, attention_mask, over_all_keys, kwargs)
         if tokentune_step.recording:
             is_causal = kwargs.get("is_causal")
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal

@@ -18,10 +18,12 @@ number stream, and with it dropout, is the same from run to run.
 
 Each group's queries need the rows of the model's own full-sequence masks (causal, padding, sliding
 window, packed documents), which the model builds from its inputs before its layers run. A short
-**probe** builds them: the backbone starts on the whole batch without autograd and stops at its first
-attention call, after the masks are built (embeddings and the first layer's projections run, about
-one layer in 2L). The groups' own calls then receive those masks in place of the ones they would
-build from their partial rows (:func:`tokentune_peft.attention.mask_hook`).
+**probe** builds them: the backbone starts on the whole batch without autograd and stops where its
+first layer starts (embeddings only). The groups' own calls then receive those masks in place of the
+ones they would build from their partial rows (:func:`tokentune_peft.attention.mask_hook`).
+
+Each group's queries attend in up to ``ATTENTION_BLOCKS`` blocks, each over the span of keys its mask
+allows, so a causal mask costs about half of the N x N scores, as the stock causal kernel does.
 
 Where the single pass cannot run, :func:`single_pass_blocker` names the reason and the engine runs
 the two-pass step instead.
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention import _sdpa_over_all_keys, allowed_keys, mask_hook
+from .attention import TokenTuneStep, _sdpa_over_all_keys, allowed_keys, mask_hook
 from .selection import PAD_POSITION
 
 SINGLE_PASS = "single-pass"
@@ -123,57 +125,94 @@ def single_pass_blocker(model: nn.Module, selects_in_forward: bool) -> str | Non
     return None
 
 
-class _Group:
-    """One row group: its positions ([batch, width], -1 padded) and their flat (row, slot) indices."""
+def _attention_blocks(allowed: torch.Tensor, seq_len: int) -> list[tuple[int, int, int, int]]:
+    """Split the query slots into up to ``ATTENTION_BLOCKS`` runs, each over the span of keys its queries
+    may see: ``(first slot, end slot, first key, end key)``. Under a causal or sliding-window mask each
+    span is a fraction of the keys.
+
+    Args:
+        allowed: bool [batch, heads or 1, slots, keys], False on padded slots.
+
+    Example:
+        >>> causal = torch.ones(1, 1, 64, 64, dtype=torch.bool).tril()
+        >>> _attention_blocks(causal, 64)
+        [(0, 32, 0, 32), (32, 64, 0, 64)]
+    """
+    width = allowed.shape[2]
+    count = max(1, min(ATTENTION_BLOCKS, width // MIN_BLOCK_QUERIES))
+    bounds = [round(i * width / count) for i in range(count + 1)]
+    seen = allowed.any(dim=1).any(dim=0)  # [slots, keys]
+    blocks = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        keys = seen[start:end].any(dim=0).nonzero()
+        first, last = (int(keys[0]), int(keys[-1]) + 1) if keys.numel() else (0, seq_len)
+        blocks.append((start, end, first, last))
+    return blocks
+
+
+def _in_blocks(over_all_keys: Callable, blocks_of: Callable) -> Callable:
+    """``over_all_keys`` run block by block (see :func:`_attention_blocks`) on the sdpa base."""
+    if over_all_keys is not _sdpa_over_all_keys:
+        return over_all_keys
+
+    def attend(module, query, keys, values, row_mask, **kwargs):
+        blocks = blocks_of(row_mask)
+        if len(blocks) == 1:
+            return over_all_keys(module, query, keys, values, row_mask, **kwargs)
+        outputs = [
+            over_all_keys(
+                module,
+                query[:, :, start:end],
+                keys[:, :, first:last],
+                values[:, :, first:last],
+                row_mask[:, :, start:end, first:last],
+                **kwargs,
+            )[0]
+            for start, end, first, last in blocks
+        ]
+        return torch.cat(outputs, dim=1), None
+
+    return attend
+
+
+class _Rows:
+    """The no-grad group's rows: positions ([batch, width], -1 padded) and their flat (row, slot) indices."""
 
     def __init__(self, positions: torch.Tensor) -> None:
         self.valid = positions != PAD_POSITION
         self.positions = positions.clamp(min=0)
         self.rows, self.slots = self.valid.nonzero(as_tuple=True)
         self.flat_positions = self.positions[self.rows, self.slots]
-        self.row_masks: dict[tuple, torch.Tensor | None] = {}
+        self.row_masks: dict[tuple, tuple[torch.Tensor | None, list]] = {}
+
+    def spread(self, part: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``part`` ([B, H, width, D]) written at its positions of a [B, H, N, D] tensor of zeros."""
+        batch, heads, _, dim = part.shape
+        full = part.new_zeros(batch, heads, seq_len, dim)
+        full.transpose(1, 2).index_put_((self.rows, self.flat_positions), part.transpose(1, 2)[self.rows, self.slots])
+        return full
 
     def row_mask(self, mask: torch.Tensor | None, is_causal: bool, seq_len: int, dtype: torch.dtype):
-        """This group's rows of a full-sequence mask, as one additive float mask shared by all layers,
-        and the blocks the attention runs in: ``(first slot, end slot, first key, end key)``."""
+        """These rows of a full-sequence mask (one additive float mask shared by all layers), and their blocks."""
         key = (id(mask), is_causal, dtype)
         if key not in self.row_masks:
             allowed = allowed_keys(mask, is_causal, self.positions, self.valid, seq_len)
             blocks = [(0, self.positions.shape[1], 0, seq_len)]
             if allowed is not None:
-                blocks = self._blocks(allowed & self.valid[:, None, :, None], seq_len)
+                blocks = _attention_blocks(allowed & self.valid[:, None, :, None], seq_len)
                 additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
                 allowed = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
             self.row_masks[key] = allowed, blocks
         return self.row_masks[key]
 
-    def _blocks(self, allowed: torch.Tensor, seq_len: int) -> list[tuple[int, int, int, int]]:
-        """Split the slots into up to ``ATTENTION_BLOCKS`` runs, each attending only to the span of keys its
-        real queries may see (under a causal or sliding-window mask, a fraction of all keys)."""
-        width = allowed.shape[2]
-        count = max(1, min(ATTENTION_BLOCKS, width // MIN_BLOCK_QUERIES))
-        bounds = [round(i * width / count) for i in range(count + 1)]
-        seen = allowed.any(dim=1).any(dim=0)  # [slots, keys]
-        blocks = []
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            keys = seen[start:end].any(dim=0).nonzero()
-            first, last = (int(keys[0]), int(keys[-1]) + 1) if keys.numel() else (0, seq_len)
-            blocks.append((start, end, first, last))
-        return blocks
 
-    def write(self, full: torch.Tensor, part: torch.Tensor) -> None:
-        """Write this group's rows of ``part`` ([B, H, width, D]) into ``full`` ([B, H, N, D]) in place.
-
-        Indexing by (row, position) on the [B, N, H, D] view makes autograd keep only the indices."""
-        rows = part.transpose(1, 2)[self.rows, self.slots]
-        full.transpose(1, 2).index_put_((self.rows, self.flat_positions), rows)
-
-
-class SinglePassStep:
+class SinglePassStep(TokenTuneStep):
     """State of one single-pass step, passed to every attention call as ``tokentune_step``.
 
-    A plain class, like :class:`~tokentune_peft.attention.TokenTuneStep`, so that whatever moves a
-    forward's arguments keeps this one instance.
+    The no-grad group records each attention's keys and values (its own rows of [B, H, N, D] tensors)
+    with :meth:`~tokentune_peft.attention.TokenTuneStep.record`; the grad group then writes its own rows
+    into them and attends with :meth:`~tokentune_peft.attention.TokenTuneStep.attend`, exactly as pass 2
+    of the two-pass step does; the no-grad group's queries attend to the completed, detached tensors.
 
     Args:
         seq_len: length N of the full sequences.
@@ -181,16 +220,14 @@ class SinglePassStep:
     """
 
     def __init__(self, seq_len: int, selected_positions: torch.Tensor) -> None:
-        self.seq_len = seq_len
-        self.groups = {
-            GRAD: _Group(selected_positions),
-            NO_GRAD: _Group(complement_positions(selected_positions, seq_len)),
-        }
-        self.masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
+        super().__init__(seq_len)
+        self.select(selected_positions)
+        self.rest = _Rows(complement_positions(selected_positions, seq_len))
+        self.built_masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
         self.probing = True
         self.finished = False  # the forward is over: attention calls now are gradient checkpointing's replays
-        self.keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._waiting: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None
+        self._next_module: nn.Module | None = None
+        self._grad_blocks: dict[int, list] = {}
         self._turn = NO_GRAD
         self._condition = threading.Condition()
         self._no_grad_done = False
@@ -208,14 +245,14 @@ class SinglePassStep:
 
         def hook(build: Callable, *args: Any, **kwargs: Any):
             mask = build(*args, **kwargs)
-            self.masks.append(mask)
+            self.built_masks.append(mask)
             return mask
 
         return mask_hook(hook)
 
     def replay_masks(self) -> Any:
         """Context for a group's call: hand out the probe's masks, in the order the model asks for them."""
-        masks = iter(self.masks)
+        masks = iter(self.built_masks)
 
         def hook(build: Callable, *args: Any, **kwargs: Any):
             try:
@@ -233,67 +270,39 @@ class SinglePassStep:
         """One self-attention call of either group: the no-grad group is the helper thread's."""
         if self.probing:  # a model without GradientCheckpointingLayer layers
             raise _ProbeDone
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        attend = self._attend_no_grad if threading.current_thread() is self._no_grad_thread else self._attend_grad
-        return attend(module, query, key, value, mask, is_causal, over_all_keys, {**kwargs, "is_causal": False})
-
-    def _attend_no_grad(self, module, query, key, value, mask, is_causal, over_all_keys, kwargs):
-        self._waiting = (module, key, value)
-        self._hand_over(GRAD, NO_GRAD)
-        full_keys, full_values = self.keys_values[module]
-        return self._attend(NO_GRAD, module, query, full_keys, full_values, mask, is_causal, over_all_keys, kwargs)
-
-    def _attend_grad(self, module, query, key, value, mask, is_causal, over_all_keys, kwargs):
-        if self.finished:  # gradient checkpointing replays a layer in backward: the other rows are kept
-            full_keys, full_values = (tensor.clone() for tensor in self.keys_values[module])
-        else:
-            full_keys, full_values = self._take_no_grad_keys_values(module)
-        group = self.groups[GRAD]
-        group.write(full_keys, key)
-        group.write(full_values, value)
-        output = self._attend(GRAD, module, query, full_keys, full_values, mask, is_causal, over_all_keys, kwargs)
+        if threading.current_thread() is self._no_grad_thread:
+            return self._attend_no_grad(module, query, key, value, mask, over_all_keys, kwargs)
+        if not self.finished:  # (in backward, gradient checkpointing replays the grad group's layers)
+            self._raise_no_grad_error()
+            if self._next_module is not module:
+                raise SinglePassUnsupported(
+                    f"The two row groups reached different attention calls ({type(module).__name__}): the "
+                    "model's control flow depends on its inputs."
+                )
+        output = self.attend(module, query, key, value, _in_blocks(over_all_keys, self._blocks_of_grad_rows), kwargs)
         if not self.finished:
-            self.keys_values[module] = (full_keys.detach(), full_values.detach())
             self._hand_over(NO_GRAD, GRAD)
         return output
 
-    def _attend(self, group, module, query, keys, values, mask, is_causal, over_all_keys, kwargs):
-        """The group's queries over all keys, block by block on sdpa (each block over the keys it may see)."""
-        row_mask, blocks = self.groups[group].row_mask(mask, is_causal, self.seq_len, query.dtype)
-        if len(blocks) == 1 or over_all_keys is not _sdpa_over_all_keys:
-            return over_all_keys(module, query, keys, values, row_mask, **kwargs)
-        outputs = [
-            over_all_keys(
-                module,
-                query[:, :, start:end],
-                keys[:, :, first:last],
-                values[:, :, first:last],
-                row_mask[:, :, start:end, first:last],
-                **kwargs,
-            )[0]
-            for start, end, first, last in blocks
-        ]
-        return torch.cat(outputs, dim=1), None
+    def _attend_no_grad(self, module, query, key, value, mask, over_all_keys, kwargs):
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        full_keys, full_values = self.rest.spread(key, self.seq_len), self.rest.spread(value, self.seq_len)
+        self.record(module, query, full_keys, full_values, mask, is_causal, kwargs.get("scaling"))
+        self._next_module = module
+        self._hand_over(GRAD, NO_GRAD)  # the grad group writes its rows into the recorded keys and values
+        row_mask, blocks = self.rest.row_mask(mask, is_causal, self.seq_len, query.dtype)
+        attend = _in_blocks(over_all_keys, lambda _: blocks)
+        keys, values = self.keys[module].detach(), self.values[module].detach()
+        return attend(module, query, keys, values, row_mask, **{**kwargs, "is_causal": False})
 
-    def _take_no_grad_keys_values(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values the no-grad group left for ``module``, in full [B, H, N, D] tensors."""
-        self._raise_no_grad_error()
-        if self._waiting is None or self._waiting[0] is not module:
-            raise SinglePassUnsupported(
-                f"The two row groups reached different attention calls ({type(module).__name__}): the model's "
-                "control flow depends on its inputs."
-            )
-        _, keys, values = self._waiting
-        self._waiting = None
-        group = self.groups[NO_GRAD]
-        full = []
-        for part in (keys, values):
-            batch, heads, _, dim = part.shape
-            tensor = part.new_empty(batch, heads, self.seq_len, dim)
-            group.write(tensor, part)
-            full.append(tensor)
-        return full[0], full[1]
+    def _blocks_of_grad_rows(self, row_mask: torch.Tensor | None) -> list:
+        if row_mask is None:
+            return [(0, self.positions.shape[1], 0, self.seq_len)]
+        if id(row_mask) not in self._grad_blocks:
+            allowed = (row_mask == 0) & self.valid_slots[:, None, :, None]
+            self._grad_blocks[id(row_mask)] = _attention_blocks(allowed, self.seq_len)
+        return self._grad_blocks[id(row_mask)]
 
     # Strict alternation ------------------------------------------------------------------------------
 
@@ -361,7 +370,7 @@ class SinglePassStep:
             if stop is not None:
                 stop.remove()
         self.probing = False
-        rest = self.groups[NO_GRAD]
+        rest = self.rest
         no_grad_inputs = {
             name: value.expand(rest.valid.shape[0], -1).gather(1, rest.positions)
             for name, value in backbone_inputs.items()
@@ -396,7 +405,7 @@ class SinglePassStep:
             raise
         finally:
             self._no_grad_thread.join()
-        if not self.keys_values:
+        if not self.keys:
             raise self._no_attention_error()
         self.finished = True
         return output
