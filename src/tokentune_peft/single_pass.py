@@ -22,8 +22,9 @@ window, packed documents), which the model builds from its inputs before its lay
 first layer starts (embeddings only). The groups' own calls then receive those masks in place of the
 ones they would build from their partial rows (:func:`tokentune_peft.attention.mask_hook`).
 
-Each group's queries attend in up to ``ATTENTION_BLOCKS`` blocks, each over the span of keys its mask
-allows, so a causal mask costs about half of the N x N scores, as the stock causal kernel does.
+The no-grad group's queries attend in up to ``ATTENTION_BLOCKS`` blocks, each over the span of keys its
+mask allows, so a causal mask costs about half of its scores, as the stock causal kernel does. The grad
+group's attend in one block: sdpa saves contiguous copies of a block's keys and values for backward.
 
 Where the single pass cannot run, :func:`single_pass_blocker` names the reason and the engine runs
 the two-pass step instead.
@@ -227,7 +228,6 @@ class SinglePassStep(TokenTuneStep):
         self.probing = True
         self.finished = False  # the forward is over: attention calls now are gradient checkpointing's replays
         self._next_module: nn.Module | None = None
-        self._grad_blocks: dict[int, list] = {}
         self._turn = NO_GRAD
         self._condition = threading.Condition()
         self._no_grad_done = False
@@ -279,7 +279,8 @@ class SinglePassStep(TokenTuneStep):
                     f"The two row groups reached different attention calls ({type(module).__name__}): the "
                     "model's control flow depends on its inputs."
                 )
-        output = self.attend(module, query, key, value, _in_blocks(over_all_keys, self._blocks_of_grad_rows), kwargs)
+        # In one block: sdpa would save a contiguous copy of each block's keys and values for backward.
+        output = self.attend(module, query, key, value, over_all_keys, kwargs)
         if not self.finished:
             self._hand_over(NO_GRAD, GRAD)
         return output
@@ -295,14 +296,6 @@ class SinglePassStep(TokenTuneStep):
         attend = _in_blocks(over_all_keys, lambda _: blocks)
         keys, values = self.keys[module].detach(), self.values[module].detach()
         return attend(module, query, keys, values, row_mask, **{**kwargs, "is_causal": False})
-
-    def _blocks_of_grad_rows(self, row_mask: torch.Tensor | None) -> list:
-        if row_mask is None:
-            return [(0, self.positions.shape[1], 0, self.seq_len)]
-        if id(row_mask) not in self._grad_blocks:
-            allowed = (row_mask == 0) & self.valid_slots[:, None, :, None]
-            self._grad_blocks[id(row_mask)] = _attention_blocks(allowed, self.seq_len)
-        return self._grad_blocks[id(row_mask)]
 
     # Strict alternation ------------------------------------------------------------------------------
 
