@@ -234,3 +234,13 @@ def test_autocast_reaches_the_no_grad_group():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = [step_with(model, batch, selected, engine)[0] for engine in ("two-pass", "single-pass")]
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=2e-2)
+
+
+def test_with_every_token_selected_the_grad_group_runs_alone():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False, selection_ratio=1.0)
+    batch = make_batch(model, "CAUSAL_LM", padding_side="right")
+    selected = model(**batch).selected_positions
+    threads = threading.active_count()
+    losses = [step_with(model, batch, selected, engine)[0] for engine in ("two-pass", "single-pass")]
+    assert threading.active_count() == threads
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)

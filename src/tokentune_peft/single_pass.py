@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -272,6 +273,9 @@ class SinglePassStep(TokenTuneStep):
             raise _ProbeDone
         if threading.current_thread() is self._no_grad_thread:
             return self._attend_no_grad(module, query, key, value, mask, over_all_keys, kwargs)
+        alone = self._no_grad_thread is None  # every token is selected: no no-grad group
+        if alone and not self.finished:
+            self._record_rows(module, query, key, value, mask, kwargs, self._zeros)
         if not self.finished:  # (in backward, gradient checkpointing replays the grad group's layers)
             self._raise_no_grad_error()
             if self._next_module is not module:
@@ -281,16 +285,24 @@ class SinglePassStep(TokenTuneStep):
                 )
         # In one block: sdpa would save a contiguous copy of each block's keys and values for backward.
         output = self.attend(module, query, key, value, over_all_keys, kwargs)
-        if not self.finished:
+        if not (self.finished or alone):
             self._hand_over(NO_GRAD, GRAD)
         return output
 
-    def _attend_no_grad(self, module, query, key, value, mask, over_all_keys, kwargs):
+    def _zeros(self, part: torch.Tensor) -> torch.Tensor:
+        return part.new_zeros(part.shape[0], part.shape[1], self.seq_len, part.shape[3])
+
+    def _record_rows(self, module, query, key, value, mask, kwargs, spread: Callable) -> bool:
+        """Record [B, H, N, D] keys and values holding ``spread``'s rows; returns the call's ``is_causal``."""
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        full_keys, full_values = self.rest.spread(key, self.seq_len), self.rest.spread(value, self.seq_len)
-        self.record(module, query, full_keys, full_values, mask, is_causal, kwargs.get("scaling"))
+        self.record(module, query, spread(key), spread(value), mask, is_causal, kwargs.get("scaling"))
         self._next_module = module
+        return is_causal
+
+    def _attend_no_grad(self, module, query, key, value, mask, over_all_keys, kwargs):
+        spread = partial(self.rest.spread, seq_len=self.seq_len)
+        is_causal = self._record_rows(module, query, key, value, mask, kwargs, spread)
         self._hand_over(GRAD, NO_GRAD)  # the grad group writes its rows into the recorded keys and values
         row_mask, blocks = self.rest.row_mask(mask, is_causal, self.seq_len, query.dtype)
         attend = _in_blocks(over_all_keys, lambda _: blocks)
@@ -363,6 +375,18 @@ class SinglePassStep(TokenTuneStep):
             if stop is not None:
                 stop.remove()
         self.probing = False
+        if self.rest.positions.shape[1] == 0:  # every token is selected: the grad group runs alone
+            self._turn, self._no_grad_done = GRAD, True
+            with self.replay_masks():
+                output = model(**grad_inputs, tokentune_step=self)
+        else:
+            output = self._run_both(model, backbone_inputs, grad_inputs)
+        if not self.keys:
+            raise self._no_attention_error()
+        self.finished = True
+        return output
+
+    def _run_both(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict) -> Any:
         rest = self.rest
         no_grad_inputs = {
             name: value.expand(rest.valid.shape[0], -1).gather(1, rest.positions)
@@ -380,7 +404,7 @@ class SinglePassStep(TokenTuneStep):
         # A fresh context: transformers' output recorders live in context variables, one set per call.
         context = contextvars.Context()
         self._no_grad_thread = threading.Thread(
-            target=context.run, args=(self._run_no_grad, backbone, no_grad_inputs, autocast), daemon=True
+            target=context.run, args=(self._run_no_grad, model.base_model, no_grad_inputs, autocast), daemon=True
         )
         self._no_grad_thread.start()
         try:
@@ -398,9 +422,6 @@ class SinglePassStep(TokenTuneStep):
             raise
         finally:
             self._no_grad_thread.join()
-        if not self.keys:
-            raise self._no_attention_error()
-        self.finished = True
         return output
 
     @staticmethod
