@@ -52,7 +52,7 @@ SINGLE_PASS = "single-pass"
 TWO_PASS = "two-pass"
 ENGINE_CHOICES = ("auto", SINGLE_PASS, TWO_PASS)
 GRAD, NO_GRAD = "grad", "no-grad"
-#: The attention of a row group runs in up to this many blocks of queries, each over the keys it may see.
+#: The no-grad group's attention runs in up to this many blocks of queries, each over the keys they may see.
 ATTENTION_BLOCKS = 4
 MIN_BLOCK_QUERIES = 32
 
