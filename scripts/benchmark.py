@@ -43,16 +43,22 @@ RATIOS = (0.1, 0.2, 0.3, 0.5)
 DEFAULT_SETTINGS = ["full", "full+gc", "lora", "qlora"] + [
     f"tokentune-{ratio}{extra}" for ratio in RATIOS for extra in ("", "+lora", "+qlora", "+gc")
 ]
+DEFAULT_SETTINGS.insert(DEFAULT_SETTINGS.index("tokentune-0.3") + 1, "tokentune-0.3+two-pass")
+#: TokenTune's engines (TokenTuneConfig.engine) a setting may name; "auto" when it names none.
+ENGINES = ("single-pass", "two-pass")
 
 
 @dataclass
 class Setting:
-    """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing, and
-    TokenTune's selection strategy ("+supervised", "+importance"; uniform by default).
+    """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing,
+    TokenTune's selection strategy ("+supervised", "+importance"; uniform by default) and engine
+    ("+single-pass", "+two-pass"; "auto" by default).
 
     Example:
         >>> Setting.parse("tokentune-0.3+qlora+gc")
-        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True, selection='uniform')
+        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True, selection='uniform', engine='auto')
+        >>> Setting.parse("tokentune-0.3+two-pass").engine
+        'two-pass'
         >>> Setting.parse("tokentune-0.1+importance").selection
         'importance'
         >>> Setting.parse("tokentune-0.3+lora").baseline
@@ -64,6 +70,7 @@ class Setting:
     quantized: bool = False
     checkpointing: bool = False
     selection: str = "uniform"
+    engine: str = "auto"
 
     @classmethod
     def parse(cls, name: str) -> Setting:
@@ -79,10 +86,13 @@ class Setting:
             if extra in ("supervised", "importance") and setting.ratio is not None:
                 setting.selection = extra
                 continue
+            if extra in ENGINES and setting.ratio is not None:
+                setting.engine = extra
+                continue
             if extra not in ("lora", "qlora", "gc"):
                 raise ValueError(
                     f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora', '+gc', or with TokenTune "
-                    "'+supervised' or '+importance'."
+                    "'+supervised', '+importance', '+single-pass' or '+two-pass'."
                 )
             setting.lora |= extra in ("lora", "qlora")
             setting.quantized |= extra == "qlora"
@@ -146,7 +156,11 @@ def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dty
     adapter = LoraConfig(r=8, target_modules="all-linear", task_type=task) if setting.lora else None
     if setting.ratio is not None:
         config = TokenTuneConfig(
-            selection_ratio=setting.ratio, task_type=task, peft_config=adapter, selection=setting.selection
+            selection_ratio=setting.ratio,
+            task_type=task,
+            peft_config=adapter,
+            selection=setting.selection,
+            engine=setting.engine,
         )
         model = get_peft_model(model, config)
     elif adapter is not None:
@@ -356,7 +370,7 @@ def plot(rows: list[dict], sweep: list[dict], output_dir: str, caption: str) -> 
         if "error" in row:
             continue
         setting = Setting.parse(row["setting"])
-        if setting.selection != "uniform":  # compared in the selection study's own report
+        if setting.selection != "uniform" or setting.engine != "auto":  # compared in tables of their own
             continue
         families.setdefault(setting.baseline, {})[setting.ratio if setting.ratio is not None else 1.0] = row
     for key, label, name in [

@@ -178,6 +178,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
+def wrap(model, task: str, lora: bool, **config):
+    adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
+    torch.manual_seed(1)
+    return get_peft_model(model, TokenTuneConfig(task_type=task, peft_config=adapter, **config))
+
+
 def trainable_grads(model) -> dict[str, torch.Tensor]:
     prefix = "base_model.model."
     return {name.removeprefix(prefix): p.grad for name, p in model.named_parameters() if p.requires_grad}

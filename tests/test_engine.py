@@ -6,9 +6,6 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-
-from tokentune_peft import TokenTuneConfig
 
 from helpers import (
     CONFIGS,
@@ -19,16 +16,11 @@ from helpers import (
     fixed_selection,
     make_batch,
     tasks_of,
+    wrap,
 )
 
 CASES = [(arch, task) for arch in CONFIGS for task in tasks_of(arch)]
 CASE_IDS = [f"{arch}-{task.lower()}" for arch, task in CASES]
-
-
-def wrap(model, task: str, lora: bool, **config):
-    adapter = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
-    torch.manual_seed(1)
-    return get_peft_model(model, TokenTuneConfig(task_type=task, peft_config=adapter, **config))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -19,7 +19,9 @@ which is what keeps gradient checkpointing's recomputation consistent with the f
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -208,16 +210,53 @@ def _tokentune_attention(base: str) -> Callable:
         stock = _stock_attention(base, module)
         if tokentune_step is None:
             return stock(module, query, key, value, attention_mask, **kwargs)
+        over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
+        step_attention = getattr(tokentune_step, "attention", None)  # the single-pass step's own routing
+        if step_attention is not None:
+            return step_attention(module, query, key, value, attention_mask, over_all_keys, kwargs)
         if tokentune_step.recording:
             is_causal = kwargs.get("is_causal")
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
             tokentune_step.record(module, query, key, value, attention_mask, is_causal, kwargs.get("scaling"))
             return stock(module, query, key, value, attention_mask, **kwargs)
-        over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
         return tokentune_step.attend(module, query, key, value, over_all_keys, kwargs)
 
     attention.__name__ = tokentune_implementation_name(base)
     return attention
+
+
+_MASK_HOOK = threading.local()
+
+
+@contextmanager
+def mask_hook(hook: Callable) -> Iterator[None]:
+    """In this thread, let ``hook(build, *args, **kwargs)`` stand in for TokenTune's mask functions.
+
+    ``build`` is the stock mask function the model asked for. The single-pass step uses it to give
+    each row group the masks built from the whole batch.
+
+    Example:
+        >>> with mask_hook(lambda build, *args, **kwargs: None):
+        ...     ALL_MASK_ATTENTION_FUNCTIONS["tokentune_sdpa"](batch_size=1, q_length=2, kv_length=2) is None
+        True
+    """
+    previous = getattr(_MASK_HOOK, "hook", None)
+    _MASK_HOOK.hook = hook
+    try:
+        yield
+    finally:
+        _MASK_HOOK.hook = previous
+
+
+def _tokentune_mask(base: str) -> Callable:
+    build = ALL_MASK_ATTENTION_FUNCTIONS[base]
+
+    def mask(*args, **kwargs):
+        hook = getattr(_MASK_HOOK, "hook", None)
+        return build(*args, **kwargs) if hook is None else hook(build, *args, **kwargs)
+
+    mask.__name__ = tokentune_implementation_name(base) + "_mask"
+    return mask
 
 
 def register_attention_functions() -> None:
@@ -231,4 +270,4 @@ def register_attention_functions() -> None:
     for base in SUPPORTED_BASE_IMPLEMENTATIONS:
         name = tokentune_implementation_name(base)
         AttentionInterface.register(name, _tokentune_attention(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        AttentionMaskInterface.register(name, _tokentune_mask(base))

@@ -14,6 +14,7 @@ from peft.utils import TaskType
 
 from . import __version__
 from .selection.strategies import SELECTION_STRATEGIES
+from .single_pass import ENGINE_CHOICES
 
 PEFT_TYPE = "TOKENTUNE"
 CONFIG_NAME = "tokentune_config.json"
@@ -62,6 +63,8 @@ class TokenTuneConfig(PeftConfig):
         uniform_share (`float`): for "supervised", the share of the budget kept uniform over
             unlabelled tokens; for "importance", the share of the sampling probability spread evenly.
             Defaults to 0.2 for those two; not used by the others.
+        engine (`str`): how a step runs: "auto" (one pass where it can run, two passes otherwise),
+            "single-pass" (an error where it cannot run) or "two-pass"; see :mod:`tokentune_peft.single_pass`.
 
     Example:
         >>> from peft import LoraConfig
@@ -117,6 +120,15 @@ class TokenTuneConfig(PeftConfig):
         },
     )
 
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": f"How a training step runs: one of {ENGINE_CHOICES}. 'auto' runs every token's forward once "
+            "(single pass) where it can, and two passes (a no-grad pass over all tokens, then the selected ones) "
+            "where it cannot: with selection='importance', under FSDP, or gradient checkpointing with dropout."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
@@ -126,6 +138,8 @@ class TokenTuneConfig(PeftConfig):
         self._check_budget()
         self._check_always_select()
         self._check_selection()
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"`engine` must be one of {ENGINE_CHOICES}; got {self.engine!r}.")
         if isinstance(self.peft_config, dict):
             self.peft_config = LoraConfig(**self.peft_config)
         if self.peft_config is not None:

@@ -17,11 +17,16 @@ strategy, :mod:`tokentune_peft.selection.strategies`):
 
 The gradient equals that of a full-sequence forward whose layer inputs and attention keys/values are
 detached outside S, with the loss on S: the TokenTune definition.
+
+Where it can, the engine runs the same step in a single pass instead (:mod:`tokentune_peft.single_pass`):
+the selected tokens' call of step 2 and a no-grad call over the other tokens hand over at every
+self-attention, so no token's forward runs twice. ``TokenTuneConfig.engine`` picks or forces either.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +39,9 @@ from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX, selected_targets
 from .selection.sampling import PAD_POSITION, validate_selected_positions
 from .selection.strategies import TokenSelector
+from .single_pass import SINGLE_PASS, TWO_PASS, SinglePassStep, SinglePassUnsupported, single_pass_blocker
+
+logger = logging.getLogger(__name__)
 
 #: Flash-attention "varlen" inputs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
 FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -112,10 +120,18 @@ class TokenTuneEngine:
         seed: seeds :attr:`generator`, which draws positions when the caller hands in none (a
             :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin` hands in its own, seeded from
             ``seed`` + its process index and saved in checkpoints).
+        engine: "auto" (the single pass where it can run, else two passes), "single-pass" or "two-pass".
+
+    After a step, ``engine_used`` says which step ran ("single-pass" or "two-pass") and
+    ``engine_reason`` why not the single pass (None when it ran).
     """
 
     selector: TokenSelector
     seed: int = 0
+    engine: str = "auto"
+    engine_used: str | None = field(default=None, init=False)
+    engine_reason: str | None = field(default=None, init=False)
+    _single_pass_failure: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -201,12 +217,14 @@ class TokenTuneEngine:
         generator = self.generator if trainer_generator is None else trainer_generator
         prepared = self.prepare(model, input_ids, attention_mask, labels, selected_positions, generator)
         positions = self._full_position_ids(model, input_ids, position_ids)
-        step, selected_positions = self._pass_one(
-            model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
-        )
+        single_pass = self._use_single_pass(model, drawn_in_forward=prepared.selected_positions is None)
+        step, selected_positions = None, prepared.selected_positions
+        if not single_pass:
+            step, selected_positions = self._pass_one(
+                model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
+            )
         drawn_in_forward = prepared.selected_positions is None
         targets = self._targets(labels, selected_positions) if drawn_in_forward else prepared.targets
-        step.select(selected_positions)
         valid = selected_positions != PAD_POSITION
         slots = selected_positions.clamp(min=0)
         batch, seq_len = input_ids.shape
@@ -221,7 +239,6 @@ class TokenTuneEngine:
             "attention_mask": valid.long(),
             "position_ids": positions.gather(1, slots),
             "use_cache": False,
-            "tokentune_step": step,
         }
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids.expand(batch, seq_len).gather(1, slots)
@@ -234,7 +251,17 @@ class TokenTuneEngine:
                 supervised = bool((targets != IGNORE_INDEX).any())
                 if not supervised and kwargs.get("num_items_in_batch") is None:
                     kwargs["num_items_in_batch"] = 1  # a sum over no terms: zero loss, not 0 / 0
-        output = model(**inputs, **kwargs)
+        output = None
+        if single_pass:  # None if the single pass gave up on this model
+            backbone_inputs = (input_ids, attention_mask, token_type_ids, positions)
+            output = self._single_pass(model, backbone_inputs, selected_positions, {**inputs, **kwargs})
+        if output is None:
+            if step is None:
+                step, _ = self._pass_one(
+                    model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
+                )
+            step.select(selected_positions)
+            output = model(**inputs, **kwargs, tokentune_step=step)
         if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
             output["loss"] = output["logits"].sum() * 0.0
         return with_selected_positions(output, selected_positions)
@@ -283,9 +310,41 @@ class TokenTuneEngine:
                 "Trainer subclass), or pass `selected_positions` and count their supervised tokens."
             )
 
+    def _use_single_pass(self, model: nn.Module, drawn_in_forward: bool) -> bool:
+        """Whether this step runs in a single pass; logs the engine when the choice changes."""
+        reason = single_pass_blocker(model, drawn_in_forward) if self.engine != TWO_PASS else "the config asks for it"
+        if reason is None:
+            reason = self._single_pass_failure
+        if reason is not None and self.engine == SINGLE_PASS:
+            raise ValueError(f"TokenTuneConfig(engine={SINGLE_PASS!r}) cannot run this step: {reason}.")
+        self._announce(SINGLE_PASS if reason is None else TWO_PASS, reason)
+        return reason is None
+
+    def _announce(self, engine: str, reason: str | None) -> None:
+        if (engine, reason) != (self.engine_used, self.engine_reason):
+            why = "" if reason is None else f" ({reason})"
+            logger.info("TokenTune runs the %s step%s.", engine, why)
+        self.engine_used, self.engine_reason = engine, reason
+
+    def _single_pass(self, model, backbone_inputs: tuple, selected_positions, grad_inputs: dict):
+        """The grad group's output of a single-pass step, or None if the model cannot run one."""
+        input_ids, attention_mask, token_type_ids, positions = backbone_inputs
+        full = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+        if token_type_ids is not None:
+            full["token_type_ids"] = token_type_ids
+        try:
+            return SinglePassStep(input_ids.shape[1], selected_positions).run(model, full, grad_inputs)
+        except SinglePassUnsupported as error:
+            if self.engine == SINGLE_PASS:
+                raise
+            logger.warning("TokenTune falls back to the two-pass step for this model: %s", error)
+            self._single_pass_failure = str(error)
+            self._announce(TWO_PASS, str(error))
+            return None
+
     def _pass_one(self, model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator):
-        """Pass 1 (no autograd, all tokens), and the positions pass 2 runs: those prepared, or drawn from
-        the importance pass 1 measured ("importance").
+        """Pass 1 of the two-pass step (no autograd, all tokens), and the positions pass 2 runs: those
+        prepared, or drawn from the importance pass 1 measured ("importance").
 
         Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
         (per document in a packed batch)."""

@@ -36,7 +36,9 @@ class _TokenTuneStepMixin:
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
         self.tokentune_config = config
-        self.tokentune_engine = TokenTuneEngine(build_selector(config, is_decoder(model)), seed=config.seed)
+        self.tokentune_engine = TokenTuneEngine(
+            build_selector(config, is_decoder(model)), seed=config.seed, engine=config.engine
+        )
 
     def forward(self, *args: Any, **kwargs: Any):
         """A TokenTune step when training with autograd on; the wrapped model's forward otherwise."""

@@ -1,0 +1,253 @@
+"""The single-pass step: where it runs, where it falls back to two passes, and that it gives the same step."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from tokentune_peft import TokenTuneConfig
+from tokentune_peft.single_pass import SinglePassStep, SinglePassUnsupported, complement_positions
+
+from helpers import (
+    assert_same_grads,
+    build_model,
+    check_against_naive,
+    fixed_selection,
+    make_batch,
+    trainable_grads,
+    wrap,
+)
+
+ARCHS = [
+    ("llama", "CAUSAL_LM"),
+    ("mistral", "CAUSAL_LM"),  # sliding window shorter than the rows
+    ("qwen2", "TOKEN_CLS"),  # sliding window on one layer, full attention on the other
+    ("gpt2", "SEQ_CLS"),
+    ("bert", "SEQ_CLS"),
+    ("roberta", "TOKEN_CLS"),
+    ("modernbert", "TOKEN_CLS"),  # local (sliding) and global attention layers
+    ("qwen3_moe", "CAUSAL_LM"),  # router load-balancing loss over the selected tokens
+]
+ARCH_IDS = [f"{arch}-{task.lower()}" for arch, task in ARCHS]
+
+
+def engine_of(model):
+    return model.base_model.tokentune_engine
+
+
+def step_with(model, batch, selected, engine: str):
+    engine_of(model).engine = engine
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, selected_positions=selected)
+    output.loss.backward()
+    assert engine_of(model).engine_used == engine
+    return output.loss.detach(), {name: grad.clone() for name, grad in trainable_grads(model).items()}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(("arch", "task"), ARCHS, ids=ARCH_IDS)
+def test_single_pass_gradient_matches_naive_definition_and_two_passes(arch, task, lora):
+    model = wrap(build_model(arch, task), task, lora)
+    batch = make_batch(model, task)
+    selected = fixed_selection(batch, arch, task, model)
+    two_pass_loss, two_pass_grads = step_with(model, batch, selected, "two-pass")
+    model.zero_grad(set_to_none=True)
+    engine_of(model).engine = "single-pass"
+    output = check_against_naive(model, batch, selected, task)
+    assert engine_of(model).engine_used == "single-pass"
+    torch.testing.assert_close(output.loss, two_pass_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(grad, two_pass_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_default_engine_is_the_single_pass_and_says_so(caplog):
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    batch = make_batch(model, "CAUSAL_LM")
+    assert model.peft_config["default"].engine == "auto"
+    with caplog.at_level(logging.INFO, logger="tokentune_peft.engine"):
+        model(**batch).loss.backward()
+        model(**batch).loss.backward()
+    assert engine_of(model).engine_used == "single-pass"
+    assert engine_of(model).engine_reason is None
+    lines = [record.getMessage() for record in caplog.records if record.name == "tokentune_peft.engine"]
+    assert lines == ["TokenTune runs the single-pass step."]  # once, not per step
+
+
+def test_the_config_can_force_two_passes(caplog):
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False, engine="two-pass")
+    with caplog.at_level(logging.INFO, logger="tokentune_peft.engine"):
+        model(**make_batch(model, "CAUSAL_LM")).loss.backward()
+    assert engine_of(model).engine_used == "two-pass"
+    assert "TokenTune runs the two-pass step (the config asks for it)." in caplog.text
+
+
+def test_the_engine_field_is_checked_and_saved():
+    with pytest.raises(ValueError, match="`engine` must be one of"):
+        TokenTuneConfig(task_type="CAUSAL_LM", engine="one-pass")
+    config = TokenTuneConfig(task_type="CAUSAL_LM", engine="two-pass")
+    assert TokenTuneConfig.from_dict(config.to_dict()).engine == "two-pass"
+
+
+def test_importance_selection_falls_back_to_two_passes(caplog):
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False, selection="importance")
+    with caplog.at_level(logging.INFO, logger="tokentune_peft.engine"):
+        model(**make_batch(model, "CAUSAL_LM")).loss.backward()
+    assert engine_of(model).engine_used == "two-pass"
+    assert "importance" in engine_of(model).engine_reason
+    assert "TokenTune runs the two-pass step (selection 'importance'" in caplog.text
+
+
+def test_forcing_the_single_pass_where_it_cannot_run_is_an_error():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", False, selection="importance", engine="single-pass")
+    with pytest.raises(ValueError, match=r"engine='single-pass'\) cannot run this step: selection 'importance'"):
+        model(**make_batch(model, "CAUSAL_LM"))
+
+
+def test_fsdp_sharded_models_fall_back_to_two_passes():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    layer = model.get_base_model().model.layers[0]
+    # What fully_shard does to each module it shards: swap in a subclass of FSDPModule.
+    layer.__class__ = type(f"FSDP{type(layer).__name__}", (FSDPModule, type(layer)), {})
+    engine = engine_of(model)
+    assert not engine._use_single_pass(model.get_base_model(), drawn_in_forward=False)
+    assert engine.engine_used == "two-pass" and "FSDP" in engine.engine_reason
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_runs_the_single_pass_without_dropout(use_reentrant):
+    plain = wrap(build_model("mistral", "CAUSAL_LM"), "CAUSAL_LM", lora=True, engine="two-pass")
+    base = build_model("mistral", "CAUSAL_LM")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed = wrap(base, "CAUSAL_LM", lora=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = make_batch(plain, "CAUSAL_LM", padding_side="right")
+    selected = fixed_selection(batch, "mistral", "CAUSAL_LM", plain)
+    plain(**batch, selected_positions=selected).loss.backward()
+    checkpointed(**batch, selected_positions=selected).loss.backward()
+    assert engine_of(checkpointed).engine_used == "single-pass"
+    assert_same_grads(checkpointed, plain)
+
+
+def test_gradient_checkpointing_with_dropout_falls_back_to_two_passes():
+    base = build_model("bert", "SEQ_CLS", hidden_dropout_prob=0.1)
+    base.gradient_checkpointing_enable()
+    model = wrap(base, "SEQ_CLS", lora=False)
+    model(**make_batch(model, "SEQ_CLS")).loss.backward()
+    assert engine_of(model).engine_used == "two-pass"
+    assert "dropout" in engine_of(model).engine_reason
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_dropout_runs_are_reproducible_from_the_seed(arch):
+    dropout = {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.2} if arch == "bert" else {}
+    if arch == "gpt2":
+        dropout = {"resid_pdrop": 0.2, "embd_pdrop": 0.2, "attn_pdrop": 0.2}
+    task = "TOKEN_CLS"
+    runs = []
+    for _ in range(2):
+        model = wrap(build_model(arch, task, **dropout), task, lora=False)
+        batch = make_batch(model, task)
+        torch.manual_seed(123)
+        loss = model(**batch).loss
+        loss.backward()
+        assert engine_of(model).engine_used == "single-pass"
+        runs.append((loss.detach(), trainable_grads(model)))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
+
+
+def test_packed_documents_stay_apart_in_the_single_pass():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    input_ids = make_batch(model, "CAUSAL_LM")["input_ids"][:1]
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": input_ids.clone()}
+    selected = torch.tensor([[1, 3, 4, 6, 9, 11]])
+    losses = [step_with(model, batch, selected, engine)[0] for engine in ("two-pass", "single-pass")]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    check_against_naive(model, batch, selected, "CAUSAL_LM")
+
+
+def test_a_model_the_single_pass_cannot_follow_falls_back_with_a_warning(monkeypatch, caplog):
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    reference = copy.deepcopy(model)
+    batch = make_batch(model, "CAUSAL_LM")
+    selected = fixed_selection(batch, "llama", "CAUSAL_LM", model)
+
+    def diverge(self, *args):
+        raise SinglePassUnsupported("the groups reached different attention calls")
+
+    monkeypatch.setattr(SinglePassStep, "attend", diverge)
+    threads = threading.active_count()
+    with caplog.at_level(logging.INFO, logger="tokentune_peft.engine"):
+        loss = model(**batch, selected_positions=selected).loss
+    loss.backward()
+    assert threading.active_count() == threads  # the no-grad group was released, not left waiting
+    assert engine_of(model).engine_used == "two-pass"
+    assert "falls back to the two-pass step for this model: the groups reached different" in caplog.text
+    expected, _ = step_with(reference, batch, selected, "two-pass")
+    torch.testing.assert_close(loss.detach(), expected)
+    model(**batch, selected_positions=selected)  # later steps go straight to two passes
+    assert engine_of(model).engine_used == "two-pass"
+
+
+def test_an_error_in_the_no_grad_group_reaches_the_caller_and_releases_both_groups(monkeypatch):
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    batch = make_batch(model, "CAUSAL_LM")
+
+    def fail(self, *args):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(SinglePassStep, "_attend_no_grad", fail)
+    threads = threading.active_count()
+    with pytest.raises(RuntimeError, match="no-grad row group of a single-pass TokenTune step failed: ValueError"):
+        model(**batch)
+    assert threading.active_count() == threads
+
+
+def test_an_error_in_the_grad_group_releases_the_no_grad_group():
+    class Failing(nn.Module):
+        def forward(self, hidden):
+            raise KeyError("head")
+
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    model.get_base_model().lm_head = Failing()
+    threads = threading.active_count()
+    with pytest.raises(KeyError, match="head"):
+        model(**make_batch(model, "CAUSAL_LM"))
+    assert threading.active_count() == threads
+
+
+def test_complement_positions_cover_every_position_once():
+    selected = torch.tensor([[0, 5, 7, -1], [1, 2, 3, 4]])
+    rest = complement_positions(selected, 8)
+    for row in range(2):
+        kept = [p for p in selected[row].tolist() + rest[row].tolist() if p >= 0]
+        assert sorted(kept) == list(range(8))
+
+
+def test_autocast_reaches_the_no_grad_group():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    batch = make_batch(model, "CAUSAL_LM")
+    selected = fixed_selection(batch, "llama", "CAUSAL_LM", model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [step_with(model, batch, selected, engine)[0] for engine in ("two-pass", "single-pass")]
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=2e-2)
+
+
+def test_with_every_token_selected_the_grad_group_runs_alone():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False, selection_ratio=1.0)
+    batch = make_batch(model, "CAUSAL_LM", padding_side="right")
+    selected = model(**batch).selected_positions
+    threads = threading.active_count()
+    losses = [step_with(model, batch, selected, engine)[0] for engine in ("two-pass", "single-pass")]
+    assert threading.active_count() == threads
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
