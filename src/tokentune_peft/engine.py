@@ -26,7 +26,9 @@ self-attention, so no token's forward runs twice. ``TokenTuneConfig.engine`` pic
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -100,15 +102,30 @@ class PreparedBatch:
         head_positions: [batch] where a sequence-classification head reads; None for other tasks.
         targets: the labels of the selected slots (:func:`~tokentune_peft.selection.labels.selected_targets`),
             None without labels or while the positions are unknown.
-        num_selected: tokens selected in the batch (the budget, when drawn in the forward).
-        num_real: real (non-padding) tokens in the batch.
+        real_tokens: [batch, seq] 1 for real tokens, 0 for padding.
+        budget: when the positions are drawn in the forward, computes k per row (called only if counted).
+
+    The counts (:attr:`num_selected`, :attr:`num_real`) are computed when read, so a training forward,
+    which never reads them, pays nothing for them.
     """
 
     selected_positions: torch.Tensor | None
     head_positions: torch.Tensor | None
     targets: torch.Tensor | None
-    num_selected: int
-    num_real: int
+    real_tokens: torch.Tensor
+    budget: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def num_selected(self) -> int:
+        """Tokens selected in the batch (the budget, when they are drawn in the forward)."""
+        if self.selected_positions is None:
+            return int(self.budget().sum())
+        return int((self.selected_positions != PAD_POSITION).sum())
+
+    @property
+    def num_real(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.real_tokens.sum())
 
 
 @dataclass
@@ -175,17 +192,14 @@ class TokenTuneEngine:
         elif not self.selector.selects_in_forward:
             generator = self.generator if generator is None else generator
             selected_positions = self.selector.sample(model, input_ids, real_tokens, labels, generator)
-        if selected_positions is None:
-            num_selected = int(self.selector.budget(model, input_ids, real_tokens).sum())
-        else:
+        if selected_positions is not None:
             _check_head_selected(head, selected_positions)
-            num_selected = int((selected_positions != PAD_POSITION).sum())
         return PreparedBatch(
             selected_positions=selected_positions,
             head_positions=head,
             targets=self._targets(labels, selected_positions),
-            num_selected=num_selected,
-            num_real=int(real_tokens.sum()),
+            real_tokens=real_tokens,
+            budget=partial(self.selector.budget, model, input_ids, real_tokens) if selected_positions is None else None,
         )
 
     def __call__(
@@ -348,7 +362,7 @@ class TokenTuneEngine:
 
         Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
         (per document in a packed batch)."""
-        real_tokens = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        real_tokens = prepared.real_tokens
         observer = None
         if prepared.selected_positions is None:
             observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
