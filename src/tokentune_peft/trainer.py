@@ -83,7 +83,8 @@ class TokenTuneTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         model = kwargs.get("model", args[0] if args else None)
-        if model is not None and not isinstance(model, str) and not self._wraps_model_itself(kwargs):
+        wrapped_by_trainer = kwargs.get("peft_config") is not None  # TRL's trainers wrap it with `peft_config`
+        if model is not None and not isinstance(model, str) and not wrapped_by_trainer:
             tokentune_engine_of(model)  # fail before the Trainer sets itself up
         super().__init__(*args, **kwargs)
         self.tokentune_engine = tokentune_engine_of(self.model)
@@ -102,11 +103,6 @@ class TokenTuneTrainerMixin:
         self.activation_memory: dict[str, int] | None = None
         self._selected_tokens = 0
         self._real_tokens = 0
-
-    @staticmethod
-    def _wraps_model_itself(kwargs: dict) -> bool:
-        """Whether the trainer wraps the model with its ``peft_config`` argument (TRL's trainers do)."""
-        return kwargs.get("peft_config") is not None
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """Fetch the batches of one optimizer step, choose their positions, count the selected supervised tokens.
