@@ -8,5 +8,5 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# A script that `accelerate launch` runs (test_distributed.py); importing it would start the check.
-collect_ignore = ["ddp_gradient_check.py", "fsdp_check.py", "fsdp_trainer_check.py"]
+# Scripts that the multi-process tests launch; importing them would start them.
+collect_ignore = ["ddp_gradient_check.py", "fsdp_check.py", "fsdp_trainer_check.py", "train_on_two_processes.py"]

@@ -18,7 +18,7 @@ from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.selection.labels import selected_targets  # noqa: E402
 from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 
-from helpers import build_model  # noqa: E402
+from helpers import build_model, leave_without_teardown  # noqa: E402
 
 accelerator = Accelerator(cpu=True)
 rank, world = accelerator.process_index, accelerator.num_processes
@@ -68,3 +68,5 @@ if rank == 0:
             },
             handle,
         )
+accelerator.end_training()
+leave_without_teardown()

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.distributed import set_backward_prefetch  # noqa: E402
 
-from helpers import build_model, fixed_selection, make_batch  # noqa: E402
+from helpers import build_model, fixed_selection, leave_without_teardown, make_batch  # noqa: E402
 
 
 def tokentune_model(lora: bool) -> PeftModel:
@@ -143,3 +143,4 @@ def loaded_logits_difference(saved: dict[str, str], lora: bool, batch: dict) -> 
 
 if __name__ == "__main__":
     main()
+    leave_without_teardown()

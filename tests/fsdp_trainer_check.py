@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 
-from helpers import build_model, make_batch  # noqa: E402
+from helpers import build_model, leave_without_teardown, make_batch  # noqa: E402
 
 
 def train(lora: bool, fsdp: bool) -> dict:
@@ -76,7 +76,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as handle:
             json.dump(results, handle, indent=1)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    leave_without_teardown()

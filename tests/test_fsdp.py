@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.attention import TokenTuneStep
 
-from helpers import build_model, fixed_selection, make_batch
+from helpers import build_model, fixed_selection, free_port, make_batch
 
 HERE = os.path.dirname(__file__)
 # What wrappers do to a forward's keyword arguments before the module runs.
@@ -97,8 +97,8 @@ def test_step_output_survives_a_pytree_round_trip():
 def _torchrun(script: str, result_path) -> dict:
     """Run a worker script on 2 CPU processes (gloo); its JSON result."""
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(HERE, script)]
-        + [str(result_path)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        + [os.path.join(HERE, script), str(result_path)],
         capture_output=True,
         text=True,
         timeout=300,
