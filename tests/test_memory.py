@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from functools import partial
+
 import torch
 from peft import get_peft_model
 from torch import nn
@@ -18,6 +22,19 @@ def test_meter_counts_each_storage_once_and_skips_weights():
         hidden = layer(inputs)  # saves `inputs` (the weight is excluded)
         (hidden * hidden).sum()  # saves `hidden` twice: one storage
     assert meter.saved_bytes == 2 * 4 * 16 * 4
+
+
+def test_measuring_a_forward_frees_its_graph_and_the_weights_it_holds():
+    # SiLU in the MLP and SDPA save their own outputs: held by the graph as-is, each would hold its node.
+    config = llama_config("llama-256", vocab_size=128, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).train()
+    input_ids = torch.randint(0, 128, (2, 16))
+    measured = saved_activation_bytes(model, partial(model, input_ids=input_ids, labels=input_ids))
+    weights = [weakref.ref(parameter) for parameter in model.parameters()]
+    del model
+    gc.collect()
+    assert measured > 0
+    assert not any(weight() is not None for weight in weights)
 
 
 def test_saved_activations_at_ratio_0_3_are_within_5_percent_of_ideal():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -140,6 +143,18 @@ def test_logs_selection_ratio_and_activation_memory(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(0.3 <= entry["selection_ratio"] <= 0.45 for entry in logged)  # ceil(0.3 n) / n for n in 6..12
     assert 0 < logged[0]["activation_mib"] < logged[0]["full_fine_tuning_activation_mib"]
+
+
+def test_a_finished_run_leaves_nothing_holding_its_weights(tmp_path):
+    """Several runs in one process (a sweep, a notebook) must not pile up weights: the first step's
+    activation measurement, which never backpropagates its full-sequence forward, frees its graph."""
+    model = tokentune_model()
+    trainer = TokenTuneTrainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=causal_lm_examples())
+    trainer.train()
+    weights = [weakref.ref(parameter) for parameter in model.parameters()]
+    del model, trainer
+    gc.collect()
+    assert not any(weight() is not None for weight in weights)
 
 
 def test_full_fine_tuning_estimate_matches_a_whole_batch_measurement(tmp_path):

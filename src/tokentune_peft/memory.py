@@ -20,6 +20,12 @@ class SavedTensorMeter:
 
     Args:
         model: the model whose weights are not activations (optional).
+        measure_only: the graph recorded in the context will never be backpropagated (a forward run only
+            to measure it). Tensors are then saved as detached aliases: a tensor saved by the node that
+            made it would otherwise hold that node, a cycle through autograd's C++ graph that Python's
+            garbage collector cannot see, so the graph, and the model's parameters it holds, would never
+            be freed. Leave it False when backward runs: it frees the saved tensors, and double backward
+            needs them attached.
 
     Example:
         >>> layer = nn.Linear(4, 4)
@@ -29,13 +35,14 @@ class SavedTensorMeter:
         256
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, measure_only: bool = False) -> None:
         self._excluded: set[int] = set()
         if model is not None:
             # A parameter sharded by FSDP2 is a DTensor: its own storage is its local shard.
             tensors = [t.to_local() if isinstance(t, DTensor) else t for t in [*model.parameters(), *model.buffers()]]
             self._excluded = {t.untyped_storage().data_ptr() for t in tensors}
         self._storages: dict[int, int] = {}
+        self._measure_only = measure_only
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -43,7 +50,7 @@ class SavedTensorMeter:
         pointer = storage.data_ptr()
         if pointer not in self._excluded and pointer != 0:
             self._storages[pointer] = storage.nbytes()
-        return tensor
+        return tensor.detach() if self._measure_only else tensor
 
     @property
     def saved_bytes(self) -> int:
@@ -66,6 +73,6 @@ def saved_activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]
         >>> saved_activation_bytes(layer, lambda: layer(torch.randn(8, 4, requires_grad=True)).sum())
         128
     """
-    with SavedTensorMeter(model) as meter:
+    with SavedTensorMeter(model, measure_only=True) as meter:
         forward()
     return meter.saved_bytes

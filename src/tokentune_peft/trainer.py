@@ -170,7 +170,7 @@ class TokenTuneTrainerMixin:
         # A fork of the random state: this extra forward must not shift dropout's random stream, or a
         # resumed run (which measures at its first step) would train differently.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            with torch.enable_grad(), SavedTensorMeter(stock) as meter:
+            with torch.enable_grad(), SavedTensorMeter(stock, measure_only=True) as meter:
                 stock(**row)
         return meter.saved_bytes * inputs["input_ids"].shape[0]
 
