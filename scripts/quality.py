@@ -1,209 +1,268 @@
-"""Quality: does TokenTune train as well as full fine-tuning and LoRA on real data?
+"""Quality study: where does TokenTune train as well as full fine-tuning and LoRA, at equal steps, time and
+memory? Learning curves, a learning rate chosen per method on validation data, then several seeds.
 
-Runs the recipes in ``configs/`` through ``tokentune-train``'s own code (no second training loop):
+* **classification**, MiniLM-L6 on Rotten Tomatoes (the whole training split by default), through
+  ``tokentune-train``'s own code: full fine-tuning, TokenTune 0.1 / 0.3 / 0.5, LoRA, LoRA + TokenTune
+  0.3, and full fine-tuning with gradient checkpointing as the competitor at low activation memory.
+  Validation accuracy is recorded every ``eval_steps`` steps against steps and training seconds; the
+  test split is evaluated once, after training.
+* **supervised fine-tuning** through TRL's ``SFTTrainer``, SmolLM2-135M-Instruct on the chatterbot
+  training pairs (a validation split carved from them): LoRA, LoRA + TokenTune 0.3 (uniform and
+  supervised selection), QLoRA + TokenTune 0.3; validation answer loss against steps and seconds, and
+  the held-out (test) answer loss after training.
 
-* classification, MiniLM-L6 on Rotten Tomatoes: full fine-tuning, TokenTune 0.1 / 0.3 / 0.5, LoRA,
-  LoRA + TokenTune 0.3, several seeds each; test accuracy, activation memory of one step, wall time;
-* supervised fine-tuning, SmolLM2-135M-Instruct on chatterbot-corpus pairs: LoRA, LoRA + TokenTune
-  0.3, QLoRA + TokenTune 0.3; held-out answer loss and sample answers before and after.
+For each method the learning rates of its grid are tried at ``grid_seed``; the one with the best final
+validation metric is then run with the other seeds. Every finished run is written to
+``<output_dir>/runs/`` and skipped when the study is run again, so a study cut short (``max_minutes``)
+resumes where it stopped; the report is written from the runs that exist and lists those still missing.
 
-It writes ``quality.md``, ``results.json`` and ``accuracy_vs_memory.png`` into ``output_dir``.
-
-    python scripts/quality.py --output_dir docs/quality
+    python scripts/quality.py --max_minutes 60       # resumable; writes docs/quality.md and docs/quality/
+    python scripts/quality.py --quick --output_dir /tmp/quality --report_path /tmp/quality.md
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
-import statistics
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 from transformers import HfArgumentParser
+from trl import SFTConfig
 
-from tokentune_peft.cli.plots import new_figure, save_figure
+from quality_report import write_study_report
+from sft_trl import SFTStudyArguments, activation_mib, build_trainer, conversations
+from tokentune_peft.cli.offline import load_chatterbot_pairs
 
-from study_utils import CONFIG_DIR, FULL_LR, LORA_LR, machine_description, run_setting, write_report
+from study_utils import CONFIG_DIR, LearningCurve, run_setting
 
-CLASSIFICATION_SETTINGS = {
-    "full fine-tuning": f"--no_tokentune --learning_rate {FULL_LR}",
-    "TokenTune 0.1": f"--selection_ratio 0.1 --learning_rate {FULL_LR}",
-    "TokenTune 0.3": f"--selection_ratio 0.3 --learning_rate {FULL_LR}",
-    "TokenTune 0.5": f"--selection_ratio 0.5 --learning_rate {FULL_LR}",
-    "LoRA": f"--no_tokentune --lora --learning_rate {LORA_LR}",
-    "LoRA + TokenTune 0.3": f"--lora --selection_ratio 0.3 --learning_rate {LORA_LR}",
-}
-SFT_SETTINGS = {
-    "LoRA": "--no_tokentune",
-    "LoRA + TokenTune 0.3": "--selection_ratio 0.3",
-    "QLoRA + TokenTune 0.3": "--selection_ratio 0.3 --load_in_4bit",
-}
+
+@dataclass(frozen=True)
+class Method:
+    """One way to train: its settings and the learning rates tried for it."""
+
+    name: str
+    settings: dict
+    learning_rates: tuple[float, ...] = ()
+    learning_rate_of: str | None = None  # use another method's chosen learning rate instead of a grid
+
+
+FULL_GRID, LORA_GRID, SFT_GRID = (5e-5, 1e-4, 2e-4), (5e-4, 1e-3, 2e-3), (2.5e-4, 5e-4, 1e-3)
+#: In the order they run: a study cut short has the main comparisons first.
+CLASSIFICATION_METHODS = (
+    Method("full fine-tuning", {"tokentune": False}, FULL_GRID),
+    Method("TokenTune 0.3", {"selection_ratio": 0.3}, FULL_GRID),
+    Method("LoRA", {"tokentune": False, "lora": True}, LORA_GRID),
+    Method("LoRA + TokenTune 0.3", {"lora": True, "selection_ratio": 0.3}, LORA_GRID),
+    Method("TokenTune 0.1", {"selection_ratio": 0.1}, FULL_GRID),
+    Method("TokenTune 0.5", {"selection_ratio": 0.5}, FULL_GRID),
+    Method(
+        "full fine-tuning, gradient checkpointing",
+        {"tokentune": False, "gradient_checkpointing": True},
+        learning_rate_of="full fine-tuning",
+    ),
+)
+SFT_METHODS = (
+    Method("LoRA", {"tokentune": False}, SFT_GRID),
+    Method("LoRA + TokenTune 0.3", {"selection_ratio": 0.3}, SFT_GRID),
+    Method("LoRA + TokenTune 0.3, supervised", {"selection_ratio": 0.3, "selection": "supervised"}, SFT_GRID),
+    Method("QLoRA + TokenTune 0.3", {"selection_ratio": 0.3, "load_in_4bit": True}, SFT_GRID),
+)
+#: Each part's methods and the validation metric that chooses the learning rate (higher is better).
+PARTS = {"classification": (CLASSIFICATION_METHODS, "eval_accuracy", 1), "sft": (SFT_METHODS, "eval_loss", -1)}
 
 
 @dataclass
 class QualityArguments:
     output_dir: str = field(
-        default="docs/quality", metadata={"help": "Where quality.md, results.json and the plot go."}
+        default="docs/quality", metadata={"help": "Where the plots, results.json and every run's metrics go."}
     )
-    runs_dir: str = field(default="outputs/quality", metadata={"help": "Where each run's own outputs go."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds per setting."})
-    classification_train_samples: int = field(default=2000, metadata={"help": "Training reviews per run."})
-    sft_train_samples: int = field(default=512, metadata={"help": "Training prompt/answer pairs per run."})
-    sample_answers: int = field(default=3, metadata={"help": "Held-out prompts answered before and after SFT."})
-    quick: bool = field(default=False, metadata={"help": "Tiny random models and slices, for CI."})
+    report_path: str = field(default="docs/quality.md", metadata={"help": "Where the Markdown report goes."})
+    scratch_dir: str = field(
+        default="outputs/quality", metadata={"help": "Where runs write their checkpoints (deleted after each run)."}
+    )
+    parts: list[str] = field(
+        default_factory=lambda: list(PARTS), metadata={"help": f"Which parts to run, of {tuple(PARTS)}."}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds at the chosen rate."})
+    grid_seed: int = field(default=0, metadata={"help": "The seed the learning rate grid is run with."})
+    epochs: float = field(default=1.0, metadata={"help": "Classification: epochs over the training split."})
+    eval_steps: int = field(default=64, metadata={"help": "Classification: steps between validation points."})
+    train_samples: int | None = field(default=None, metadata={"help": "Classification: first N training reviews."})
+    sft_epochs: float = field(default=2.0, metadata={"help": "SFT: epochs over the training pairs."})
+    sft_eval_steps: int = field(default=24, metadata={"help": "SFT: steps between validation points."})
+    sft_validation_pairs: int = field(default=106, metadata={"help": "SFT: training pairs held out for validation."})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "Start no new run after this many minutes; run again to resume."}
+    )
+    quick: bool = field(
+        default=False, metadata={"help": "Tiny models and slices, a few steps, two rates per grid: for CI."}
+    )
+
+    def __post_init__(self):
+        unknown = set(self.parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"`parts` must be among {tuple(PARTS)}; got {sorted(unknown)}.")
+        if self.grid_seed not in self.seeds:
+            raise ValueError(f"`grid_seed` ({self.grid_seed}) must be one of `seeds` ({self.seeds}).")
 
 
-def _overrides(text: str) -> list[str]:
-    return text.split()
+def run_file(args: QualityArguments, part: str, method: Method, learning_rate: float, seed: int) -> str:
+    slug = method.name.replace(" + ", "_plus_").replace(", ", "_").replace(" ", "_")
+    return os.path.join(args.output_dir, "runs", part, slug, f"lr{learning_rate:g}_seed{seed}.json")
 
 
-def classification_runs(args: QualityArguments) -> list[dict]:
-    config = os.path.join(CONFIG_DIR, "minilm_rotten_tomatoes_tokentune.yaml")
-    common = f"--train_samples {args.classification_train_samples} --save_strategy no --logging_steps 20"
+def classification_run(args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str) -> dict:
+    """One MiniLM (tiny BERT when quick) run through the recipe code, with its validation curve."""
+    config = "tiny_bert_rotten_tomatoes.yaml" if args.quick else "minilm_rotten_tomatoes_tokentune.yaml"
+    overrides = {
+        **method.settings,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "num_train_epochs": args.epochs,
+        "eval_strategy": "steps",
+        "eval_steps": args.eval_steps,
+        "logging_steps": args.eval_steps,
+        "save_strategy": "no",
+        "output_dir": scratch,
+    }
+    if args.train_samples is not None:
+        overrides["train_samples"] = args.train_samples
     if args.quick:
-        config = os.path.join(CONFIG_DIR, "tiny_bert_rotten_tomatoes.yaml")
-        common = "--max_steps 2 --train_samples 16 --eval_samples 16"
-    runs = []
-    for name, settings in CLASSIFICATION_SETTINGS.items():
-        for seed in args.seeds:
-            output_dir = os.path.join(args.runs_dir, "classification", name.replace(" ", "_"), f"seed{seed}")
-            overrides = _overrides(f"{common} {settings} --seed {seed} --output_dir {output_dir}")
-            runs.append(run_setting(name, seed, config, overrides))
-    return runs
+        overrides.update(max_steps=4, eval_steps=2, train_samples=32, eval_samples=16)
+    curve = LearningCurve()
+    flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    outcome = run_setting(method.name, seed, os.path.join(CONFIG_DIR, config), flags, curve)
+    results = outcome["results"]
+    return {
+        "curve": curve.points,
+        "test": {"accuracy": results["after"]["test_accuracy"], "accuracy_before": results["before"]["test_accuracy"]},
+        "activation_mib": results["activation_memory"]["step_mib"],
+        "train_seconds": curve.train_seconds,
+        "wall_seconds": outcome["wall_seconds"],
+    }
 
 
-def sft_runs(args: QualityArguments) -> list[dict]:
-    config = os.path.join(CONFIG_DIR, "smollm2_chatterbot_lora_tokentune.yaml")
-    common = f"--train_samples {args.sft_train_samples} --sample_answers {args.sample_answers} --logging_steps 8"
+def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str) -> dict:
+    """One SmolLM2 run through TRL's trainer: validation answer loss along training, test loss at the end."""
+    pairs = load_chatterbot_pairs(seed=0)
+    train, test = pairs["train"], pairs["test"]
     if args.quick:
-        common = "--model_name tiny-llama --max_steps 2 --train_samples 8 --eval_samples 8 --sample_answers 1"
-    runs = []
-    for name, settings in SFT_SETTINGS.items():
-        output_dir = os.path.join(args.runs_dir, "sft", name.replace(" ", "_").replace("+", "plus"))
-        runs.append(
-            run_setting(name, args.seeds[0], config, _overrides(f"{common} {settings} --output_dir {output_dir}"))
-        )
-    return runs
+        train, test = train.select(range(24)), test.select(range(8))
+    carved = train.train_test_split(test_size=8 if args.quick else args.sft_validation_pairs, shuffle=False)
+    study = SFTStudyArguments(train_samples=0, **method.settings)
+    sft_config = SFTConfig(
+        output_dir=scratch,
+        learning_rate=learning_rate,
+        seed=seed,
+        num_train_epochs=args.sft_epochs,
+        max_steps=2 if args.quick else -1,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        max_length=128,
+        eval_strategy="steps",
+        eval_steps=1 if args.quick else args.sft_eval_steps,
+        logging_steps=1 if args.quick else args.sft_eval_steps,
+        warmup_steps=0 if args.quick else 10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,  # SFTConfig's default; the CPU runs here are fp32
+        gradient_checkpointing=False,
+    )
+    curve = LearningCurve()
+    start = time.perf_counter()
+    trainer = build_trainer(
+        study, sft_config, conversations(carved["train"], 0), conversations(carved["test"], 0), [curve]
+    )
+    memory = activation_mib(trainer)
+    trainer.train()
+    test_loss = trainer.evaluate(conversations(test, 0), metric_key_prefix="test")["test_loss"]
+    return {
+        "curve": curve.points,
+        "test": {"loss": test_loss},
+        "activation_mib": memory["tokentune_lora_mib"] or memory["lora_mib"],
+        "train_seconds": curve.train_seconds,
+        "wall_seconds": time.perf_counter() - start,
+    }
 
 
-def classification_table(runs: list[dict]) -> tuple[str, list[dict]]:
-    rows = []
-    for name in CLASSIFICATION_SETTINGS:
-        mine = [run for run in runs if run["setting"] == name]
-        accuracies = [run["results"]["after"]["test_accuracy"] for run in mine]
-        rows.append(
-            {
-                "setting": name,
-                "accuracy_mean": statistics.mean(accuracies),
-                "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                "accuracies": accuracies,
-                "activation_mib": mine[0]["results"]["activation_memory"]["step_mib"],
-                "wall_seconds": statistics.mean(run["wall_seconds"] for run in mine),
-                "train_seconds": statistics.mean(run["results"]["train"]["train_runtime"] for run in mine),
-            }
-        )
-    lines = [
-        "| setting | test accuracy (mean ± std) | seeds | activation memory, one step (MiB) "
-        "| training time (s) | wall time per run (s) |",
-        "|---|---:|---|---:|---:|---:|",
-    ]
-    for row in rows:
-        seeds = ", ".join(f"{a:.4f}" for a in row["accuracies"])
-        lines.append(
-            f"| {row['setting']} | {100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} "
-            f"| {seeds} | {row['activation_mib']:.1f} | {row['train_seconds']:.0f} "
-            f"| {row['wall_seconds']:.0f} |"
-        )
-    return "\n".join(lines), rows
+RUNNERS = {"classification": classification_run, "sft": sft_run}
 
 
-def sft_table(runs: list[dict]) -> str:
-    lines = [
-        "| setting | held-out answer loss before | after | activation memory, one step (MiB) | training time (s) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for run in runs:
-        results = run["results"]
-        lines.append(
-            f"| {run['setting']} | {results['before']['test_loss']:.4f} | {results['after']['test_loss']:.4f} "
-            f"| {results['activation_memory']['step_mib']:.1f} | {results['train']['train_runtime']:.0f} |"
-        )
-    samples = []
-    for run in runs:
-        for sample in run["results"]["sample_answers"]:
-            samples.append(
-                f"- **{run['setting']}**, *{sample['prompt']}*\n  - before: {sample['before']}\n"
-                f"  - after: {sample['after']}"
-            )
-    return "\n".join(lines) + "\n\nSample answers (greedy, 40 new tokens at most):\n\n" + "\n".join(samples)
+class Study:
+    """The runs of a study: each loaded from its file if it exists, else trained and written (budget allowing)."""
 
+    def __init__(self, args: QualityArguments) -> None:
+        self.args = args
+        self.deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
+        self.runs: dict[str, dict] = {}  # by file: the grid seed's run at the chosen rate is read twice
+        self.missing: list[str] = []
 
-def plot_accuracy_vs_memory(rows: list[dict], path: str, caption: str) -> None:
-    figure, (axis,) = new_figure()
-    for row in rows:
-        axis.errorbar(
-            row["activation_mib"],
-            100 * row["accuracy_mean"],
-            yerr=100 * row["accuracy_std"],
-            fmt="o",
-            capsize=4,
-            label=row["setting"],
-        )
-    axis.set_xlabel("activation memory of one training step (MiB)")
-    axis.set_ylabel("test accuracy (%)")
-    axis.legend(fontsize=8)
-    save_figure(figure, path, caption)
+    def run(self, part: str, method: Method, learning_rate: float, seed: int) -> dict | None:
+        path = run_file(self.args, part, method, learning_rate, seed)
+        if os.path.exists(path):
+            with open(path) as handle:
+                record = json.load(handle)
+        elif self.deadline is not None and time.time() > self.deadline:
+            self.missing.append(f"{part}: {method.name}, learning rate {learning_rate:g}, seed {seed}")
+            return None
+        else:
+            print(f"[quality] {part}: {method.name}, learning rate {learning_rate:g}, seed {seed}", flush=True)
+            scratch = os.path.join(self.args.scratch_dir, os.path.relpath(path, self.args.output_dir))
+            measured = RUNNERS[part](self.args, method, learning_rate, seed, scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+            gc.collect()  # the run's trainer and model sit in reference cycles: free them before the next run
+            record = {"part": part, "method": method.name, "learning_rate": learning_rate, "seed": seed, **measured}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as handle:
+                json.dump(record, handle, indent=1)
+        self.runs[path] = record
+        return record
+
+    def run_part(self, part: str) -> dict[str, float]:
+        """Each method's grid at the grid seed, then its other seeds at the chosen rate; the chosen rates."""
+        methods, metric, sign = PARTS[part]
+        chosen: dict[str, float] = {}
+        for method in methods:
+            if method.learning_rate_of is not None:
+                if method.learning_rate_of not in chosen:
+                    self.missing.append(f"{part}: {method.name} (needs {method.learning_rate_of}'s learning rate)")
+                    continue
+                rate = chosen[method.learning_rate_of]
+            else:
+                finals = {}
+                grid = method.learning_rates[:2] if self.args.quick else method.learning_rates
+                for rate in grid:
+                    record = self.run(part, method, rate, self.args.grid_seed)
+                    if record is not None:
+                        finals[rate] = sign * record["curve"][-1][metric]
+                if len(finals) < len(grid):
+                    continue  # a rate chosen from part of the grid would not be the grid's choice
+                rate = max(finals, key=finals.get)
+            chosen[method.name] = rate
+            for seed in self.args.seeds:
+                self.run(part, method, rate, seed)
+        return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/quality.py``."""
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
-    start = time.perf_counter()
-    classification = classification_runs(args)
-    sft = sft_runs(args)
-    total_minutes = (time.perf_counter() - start) / 60
-    os.makedirs(args.output_dir, exist_ok=True)
-    machine = machine_description("cpu")
-    table, rows = classification_table(classification)
-    caption = f"MiniLM-L6 on Rotten Tomatoes, {len(args.seeds)} seeds; {machine}"
-    plot_accuracy_vs_memory(rows, os.path.join(args.output_dir, "accuracy_vs_memory.png"), caption)
+    study = Study(args)
+    chosen = {part: study.run_part(part) for part in args.parts}
     command = "python scripts/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = "\n".join(
-        [
-            "# Quality: TokenTune against full fine-tuning and LoRA",
-            "",
-            f"Command: `{command.strip()}`. Machine: {machine}. Total time: {total_minutes:.1f} minutes.",
-            "",
-            f"## Classification: MiniLM-L6 on Rotten Tomatoes ({args.classification_train_samples} training reviews, "
-            f"one epoch, test split of 1,275 reviews; seeds {args.seeds})",
-            "",
-            f"Batch 32, 64 tokens, AdamW, 20 warm-up steps. Learning rate {FULL_LR} for full fine-tuning and "
-            f"TokenTune, {LORA_LR} for LoRA (r=8, all linear layers, classifier trained in full), the only "
-            "hyper-parameter that differs.",
-            "",
-            table,
-            "",
-            "![accuracy against activation memory](accuracy_vs_memory.png)",
-            "",
-            f"## Supervised fine-tuning: SmolLM2-135M-Instruct on chatterbot-corpus ({args.sft_train_samples} "
-            f"training pairs, one epoch, 118 held-out pairs; seed {args.seeds[0]})",
-            "",
-            "LoRA r=8 on all linear layers, learning rate 5e-4, batch 8, 128 tokens. The held-out loss is the "
-            "eval-mode loss over all answer tokens.",
-            "",
-            sft_table(sft),
-            "",
-        ]
+    write_study_report(
+        args.report_path,
+        args.output_dir,
+        list(study.runs.values()),
+        chosen,
+        study.missing,
+        {"command": command.strip(), "arguments": asdict(args)},
     )
-    data = {
-        "arguments": asdict(args),
-        "machine": machine,
-        "minutes": total_minutes,
-        "classification": classification,
-        "sft": sft,
-    }
-    write_report(args.output_dir, "quality.md", report, "results.json", data)
 
 
 if __name__ == "__main__":

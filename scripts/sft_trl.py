@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
-from trl import SFTConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, set_seed
+from trl import SFTConfig, SFTTrainer
 
 from tokentune_peft import TokenTuneConfig, saved_activation_bytes
 from tokentune_peft.cli.offline import load_chatterbot_pairs, smollm2_path
@@ -30,9 +30,11 @@ from tokentune_peft.sft_trainer import TokenTuneSFTTrainer
 class SFTStudyArguments:
     """What this script sets; every ``SFTConfig`` field can be given on the command line too."""
 
+    tokentune: bool = field(default=True, metadata={"help": "Train with TokenTune (False: TRL's own LoRA run)."})
     selection_ratio: float = field(default=0.3, metadata={"help": "TokenTune's share of tokens with gradient."})
     selection: str = field(default="uniform", metadata={"help": "'uniform', 'supervised' or 'importance'."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (every linear layer)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (QLoRA)."})
     train_samples: int = field(default=256, metadata={"help": "Training pairs used (of 1,058); 0 for all."})
     eval_samples: int = field(default=0, metadata={"help": "Held-out pairs used (of 118); 0 for all."})
 
@@ -50,38 +52,64 @@ def conversations(split, samples: int):
     )
 
 
-def activation_mib(trainer: TokenTuneSFTTrainer) -> dict[str, float]:
-    """Saved activations of one training step on the first batch: TokenTune + LoRA against LoRA alone."""
+def activation_mib(trainer: SFTTrainer) -> dict[str, float | None]:
+    """Saved activations of one training step on the first batch: LoRA alone, and TokenTune + LoRA when the
+    trainer is TokenTune's (None otherwise)."""
     model = trainer.model
     (batch,), _ = trainer.get_batch_samples(iter([next(iter(trainer.get_train_dataloader()))]), 1, model.device)
     batch = {key: value for key, value in batch.items() if torch.is_tensor(value)}
-    tokentune = saved_activation_bytes(
-        model,
-        lambda: model(**batch, fused_lm_head=True, trainer_generator=trainer.selection_generator, use_cache=False).loss,
-    )
+    tokentune = None
+    if isinstance(trainer, TokenTuneSFTTrainer):
+        tokentune = saved_activation_bytes(
+            model,
+            lambda: (
+                model(**batch, fused_lm_head=True, trainer_generator=trainer.selection_generator, use_cache=False).loss
+            ),
+        )
     lora_model = model.base_model.model  # the transformers model with its LoRA layers, called without TokenTune
     plain = {key: value for key, value in batch.items() if key != "selected_positions"}
     lora = saved_activation_bytes(lora_model, lambda: lora_model(**plain, fused_lm_head=True, use_cache=False).loss)
-    return {"tokentune_lora_mib": tokentune / MIB, "lora_mib": lora / MIB}
+    return {"tokentune_lora_mib": None if tokentune is None else tokentune / MIB, "lora_mib": lora / MIB}
+
+
+def build_trainer(
+    study: SFTStudyArguments, args: SFTConfig, train_dataset, eval_dataset, callbacks: list | None = None
+) -> SFTTrainer:
+    """SmolLM2-135M-Instruct with LoRA (on a 4-bit base for QLoRA) in TRL's trainer: TokenTune's when
+    ``study.tokentune``, TRL's own ``SFTTrainer`` otherwise."""
+    set_seed(args.seed)
+    folder = smollm2_path()
+    quantization = None
+    if study.load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", quantization_config=quantization)
+    lora = LoraConfig(r=study.lora_r, lora_alpha=2 * study.lora_r, target_modules="all-linear")
+    options = {
+        "model": model,
+        "args": args,
+        "train_dataset": train_dataset,
+        "eval_dataset": eval_dataset,
+        "processing_class": AutoTokenizer.from_pretrained(folder),
+        "callbacks": callbacks,
+    }
+    if not study.tokentune:
+        return SFTTrainer(peft_config=lora, **options)
+    config = TokenTuneConfig(
+        task_type="CAUSAL_LM", selection_ratio=study.selection_ratio, selection=study.selection, peft_config=lora
+    )
+    return TokenTuneSFTTrainer(peft_config=config, **options)
 
 
 def main() -> None:
     study, args = HfArgumentParser((SFTStudyArguments, SFTConfig)).parse_args_into_dataclasses()
-    set_seed(args.seed)
-    folder = smollm2_path()
     pairs = load_chatterbot_pairs(seed=0)
-    trainer = TokenTuneSFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa"),
-        args=args,
-        train_dataset=conversations(pairs["train"], study.train_samples),
-        eval_dataset=conversations(pairs["test"], study.eval_samples),
-        processing_class=AutoTokenizer.from_pretrained(folder),
-        peft_config=TokenTuneConfig(
-            task_type="CAUSAL_LM",
-            selection_ratio=study.selection_ratio,
-            selection=study.selection,
-            peft_config=LoraConfig(r=study.lora_r, lora_alpha=2 * study.lora_r, target_modules="all-linear"),
-        ),
+    trainer = build_trainer(
+        study,
+        args,
+        conversations(pairs["train"], study.train_samples),
+        conversations(pairs["test"], study.eval_samples),
     )
     memory = activation_mib(trainer)
     before = trainer.evaluate()["eval_loss"]
@@ -94,11 +122,12 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
         json.dump({"arguments": vars(study), **results}, handle, indent=2)
     print(f"held-out answer loss: {before:.4f} -> {after:.4f}")
-    print(
-        f"activation memory of one step: {memory['tokentune_lora_mib']:.2f} MiB with TokenTune "
-        f"{study.selection_ratio} vs {memory['lora_mib']:.2f} MiB for LoRA alone "
-        f"({memory['tokentune_lora_mib'] / memory['lora_mib']:.1%})"
-    )
+    if study.tokentune:
+        print(
+            f"activation memory of one step: {memory['tokentune_lora_mib']:.2f} MiB with TokenTune "
+            f"{study.selection_ratio} vs {memory['lora_mib']:.2f} MiB for LoRA alone "
+            f"({memory['tokentune_lora_mib'] / memory['lora_mib']:.1%})"
+        )
     print(f"training: {seconds:.1f} s")
 
 

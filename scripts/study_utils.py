@@ -1,5 +1,5 @@
 """What the studies in scripts/ share: where the recipes are, the machine they ran on, one recipe run,
-and writing a report with its data."""
+a learning curve, and writing a report with its data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import time
 
 import torch
+from transformers import TrainerCallback
 
 from tokentune_peft.cli.recipes import parse_recipe
 from tokentune_peft.cli.train import run as run_recipe
@@ -26,11 +27,43 @@ def machine_description(device: str = "cpu") -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def run_setting(name: str, seed: int, config: str, overrides: list[str]) -> dict:
-    """Train one recipe with overrides through ``tokentune-train``'s code; its results and wall time."""
+class LearningCurve(TrainerCallback):
+    """Records every evaluation during training against the optimizer step and the training seconds so far
+    (time inside optimizer steps only: evaluation, logging and saving are left out), and evaluates after
+    the last step too. Evaluations with another ``metric_key_prefix`` (a test split after training) are
+    not recorded.
+
+    Example:
+        >>> curve = LearningCurve()
+        >>> curve.points
+        []
+    """
+
+    def __init__(self) -> None:
+        self.points: list[dict] = []
+        self.train_seconds = 0.0
+        self._step_start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_seconds += time.perf_counter() - self._step_start
+        if state.global_step == state.max_steps:
+            control.should_evaluate = True
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if "eval_runtime" in metrics:  # TRL adds `eval_`-named keys to every evaluation: test by the runtime's
+            self.points.append({"step": state.global_step, "train_seconds": self.train_seconds, **metrics})
+
+
+def run_setting(name: str, seed: int, config: str, overrides: list[str], curve: LearningCurve | None = None) -> dict:
+    """Train one recipe with overrides through ``tokentune-train``'s code; its results and wall time, and
+    its learning curve when ``curve`` is given."""
     recipe, training = parse_recipe(config, overrides)
     start = time.perf_counter()
-    results = run_recipe(recipe, training)
+    results = run_recipe(recipe, training, callbacks=[curve] if curve else None)
     return {
         "setting": name,
         "seed": seed,

@@ -1,4 +1,5 @@
-"""The quality script's quick mode runs the recipes and writes a well-formed report."""
+"""The quality study's quick mode: learning curves, a learning rate chosen on validation, seeds at that rate,
+runs kept and skipped when the study is run again, and a report of what exists and what is missing."""
 
 from __future__ import annotations
 
@@ -6,23 +7,91 @@ import json
 
 import pytest
 
+import quality
 from helpers import offline_installed
-from quality import CLASSIFICATION_SETTINGS, SFT_SETTINGS, main
+from study_utils import LearningCurve
+
+
+def quick(tmp_path, *extra: str) -> None:
+    quality.main(
+        ["--quick", "--output_dir", str(tmp_path / "quality"), "--report_path", str(tmp_path / "quality.md")]
+        + ["--scratch_dir", str(tmp_path / "scratch"), *extra]
+    )
+
+
+def runs_of(tmp_path, part: str) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((tmp_path / "quality" / "runs" / part).rglob("*.json"))]
+
+
+def test_learning_curve_records_validation_points_against_steps_and_training_seconds():
+    curve = LearningCurve()
+    state = type("State", (), {"global_step": 3, "max_steps": 3})()
+    control = type("Control", (), {"should_evaluate": False})()
+    curve.on_step_begin(None, state, control)
+    assert curve.on_step_end(None, state, control).should_evaluate  # the last step is always evaluated
+    curve.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.5, "eval_runtime": 1.0})
+    curve.on_evaluate(None, state, control, metrics={"test_accuracy": 0.6, "test_runtime": 1.0})  # not training's
+    assert [(point["step"], point["eval_accuracy"]) for point in curve.points] == [(3, 0.5)]
+    assert 0 < curve.points[0]["train_seconds"] == curve.train_seconds
 
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
-def test_quick_quality_run_writes_tables_and_plot(tmp_path):
-    main(["--quick", "--seeds", "0", "1", "--output_dir", str(tmp_path / "report"), "--runs_dir", str(tmp_path)])
+def test_quick_classification_study_chooses_rates_on_validation_and_resumes(tmp_path, monkeypatch):
+    quick(tmp_path, "--parts", "classification", "--seeds", "0", "1")
 
-    results = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert [(r["setting"], r["seed"]) for r in results["classification"]] == [
-        (name, seed) for name in CLASSIFICATION_SETTINGS for seed in (0, 1)
-    ]
-    assert [r["setting"] for r in results["sft"]] == list(SFT_SETTINGS)
-    assert all(0 <= r["results"]["after"]["test_accuracy"] <= 1 for r in results["classification"])
-    assert all(len(r["results"]["sample_answers"]) == 1 for r in results["sft"])
-    report = (tmp_path / "report" / "quality.md").read_text()
-    for name in CLASSIFICATION_SETTINGS:
-        assert f"\n| {name} | " in report
-    assert "Total time" in report and "CPU" in report
-    assert (tmp_path / "report" / "accuracy_vs_memory.png").read_bytes()[:4] == b"\x89PNG"
+    runs = runs_of(tmp_path, "classification")
+    results = json.loads((tmp_path / "quality" / "results.json").read_text())
+    chosen = results["chosen_learning_rates"]["classification"]
+    assert list(chosen) == [method.name for method in quality.CLASSIFICATION_METHODS]
+    for method in quality.CLASSIFICATION_METHODS:
+        mine = [run for run in runs if run["method"] == method.name]
+        grid = {run["learning_rate"]: run["curve"][-1]["eval_accuracy"] for run in mine if run["seed"] == 0}
+        if method.learning_rate_of is None:
+            assert sorted(grid) == sorted(method.learning_rates[:2])
+            assert grid[chosen[method.name]] == max(grid.values())
+        else:
+            assert chosen[method.name] == chosen[method.learning_rate_of]
+        assert sorted(run["seed"] for run in mine if run["learning_rate"] == chosen[method.name]) == [0, 1]
+        for run in mine:
+            assert [point["step"] for point in run["curve"]] == [2, 4]  # every 2 steps, and the last
+            assert 0 < run["curve"][0]["train_seconds"] < run["curve"][1]["train_seconds"]
+            assert 0 <= run["test"]["accuracy"] <= 1 and run["activation_mib"] > 0
+    report = (tmp_path / "quality.md").read_text()
+    for method in quality.CLASSIFICATION_METHODS:
+        assert f"\n| {method.name} | " in report
+    assert "None: the study is complete." in report
+    for view in ("steps", "seconds"):
+        assert (tmp_path / "quality" / f"classification_{view}.png").read_bytes()[:4] == b"\x89PNG"
+
+    def no_training(*args):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setitem(quality.RUNNERS, "classification", no_training)
+    quick(tmp_path, "--parts", "classification", "--seeds", "0", "1")  # every run is read back from its file
+    assert (tmp_path / "quality.md").read_text() == report
+
+
+def test_a_study_out_of_time_lists_the_runs_it_did_not_make(tmp_path):
+    quick(tmp_path, "--parts", "classification", "--seeds", "0", "--max_minutes", "0")
+    report = (tmp_path / "quality.md").read_text()
+    assert "- classification: full fine-tuning, learning rate 5e-05, seed 0" in report
+    assert (
+        "- classification: full fine-tuning, gradient checkpointing (needs full fine-tuning's learning rate)" in report
+    )
+    assert not (tmp_path / "quality" / "runs").exists()
+
+
+@pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
+def test_quick_sft_study_runs_each_method_through_trl(tmp_path):
+    quick(tmp_path, "--parts", "sft", "--seeds", "0")
+
+    runs = runs_of(tmp_path, "sft")
+    assert sorted({run["method"] for run in runs}) == sorted(method.name for method in quality.SFT_METHODS)
+    assert len(runs) == 2 * len(quality.SFT_METHODS)  # two rates each at seed 0
+    for run in runs:
+        assert [point["step"] for point in run["curve"]] == [1, 2]
+        assert run["test"]["loss"] > 0 and run["activation_mib"] > 0
+    memory = {run["method"]: run["activation_mib"] for run in runs}
+    assert memory["LoRA + TokenTune 0.3"] < memory["LoRA"]
+    report = (tmp_path / "quality.md").read_text()
+    assert "- LoRA + TokenTune 0.3 against LoRA: not measured (3 seeds of each needed)." in report

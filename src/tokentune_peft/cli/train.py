@@ -28,6 +28,7 @@ from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     set_seed,
 )
 
@@ -148,8 +149,8 @@ def make_collator(recipe: RecipeArguments, tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
 
 
-def run(recipe: RecipeArguments, training) -> dict[str, Any]:
-    """Run one recipe; returns what it writes to ``results.json``."""
+def run(recipe: RecipeArguments, training, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Run one recipe, with the Trainer's ``callbacks`` if given; returns what it writes to ``results.json``."""
     set_seed(training.seed)  # the new head's initialisation too
     model, tokenizer = load_model_and_tokenizer(recipe)
     datasets = load_datasets(recipe, tokenizer)
@@ -165,6 +166,7 @@ def run(recipe: RecipeArguments, training) -> dict[str, Any]:
         eval_dataset=datasets.get("validation", held_out),
         data_collator=collator,
         compute_metrics=accuracy if classification else None,
+        callbacks=callbacks,
     )
     prompts = held_out_prompts(recipe)
     answers_before = generate_answers(model, tokenizer, prompts)
@@ -195,6 +197,7 @@ def run(recipe: RecipeArguments, training) -> dict[str, Any]:
             os.path.join(training.output_dir, "training_loss.png"),
             f"{recipe.model_name} on {recipe.dataset}",
         )
+    trainer.accelerator.end_training()  # on several processes, closes the process group before they exit
     return results
 
 

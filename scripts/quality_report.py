@@ -1,0 +1,303 @@
+"""The quality study's report (``scripts/quality.py``): tables, targets and learning-curve plots drawn from
+its runs, whatever subset of them exists.
+
+Each run is a dict with ``part``, ``method``, ``learning_rate``, ``seed``, ``curve`` (validation points
+with ``step``, ``train_seconds`` and the metric), ``test``, ``activation_mib`` and ``train_seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+
+from tokentune_peft.cli.plots import new_figure, save_figure
+
+from study_utils import machine_description
+
+
+@dataclass(frozen=True)
+class PartView:
+    """How a part's metric reads: its validation key, its test key, how it prints and what it compares to."""
+
+    title: str
+    validation_key: str
+    test_key: str
+    label: str
+    higher_is_better: bool
+    references: dict[str, str]  # method -> the method it is compared with
+
+    def show(self, value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.2f}" if self.higher_is_better else f"{value:.4f}"
+
+    def gap(self, value: float, reference: float) -> str:
+        """Points below the reference (accuracy), or the relative excess over it (loss)."""
+        if self.higher_is_better:
+            return f"{100 * (value - reference):+.2f} points"
+        return f"{100 * (value / reference - 1):+.1f}%"
+
+
+VIEWS = {
+    "classification": PartView(
+        "Classification: MiniLM-L6 on Rotten Tomatoes",
+        "eval_accuracy",
+        "accuracy",
+        "accuracy (%)",
+        True,
+        {
+            "TokenTune 0.1": "full fine-tuning",
+            "TokenTune 0.3": "full fine-tuning",
+            "TokenTune 0.5": "full fine-tuning",
+            "full fine-tuning, gradient checkpointing": "full fine-tuning",
+            "LoRA + TokenTune 0.3": "LoRA",
+        },
+    ),
+    "sft": PartView(
+        "Supervised fine-tuning through TRL: SmolLM2-135M-Instruct on chatterbot pairs",
+        "eval_loss",
+        "loss",
+        "answer loss",
+        False,
+        {
+            "LoRA + TokenTune 0.3": "LoRA",
+            "LoRA + TokenTune 0.3, supervised": "LoRA",
+            "QLoRA + TokenTune 0.3": "LoRA",
+        },
+    ),
+}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def chosen_runs(runs: list[dict], part: str, chosen: dict[str, float]) -> dict[str, list[dict]]:
+    """Each method's runs at its chosen learning rate, in the study's order."""
+    return {
+        method: [r for r in runs if r["part"] == part and r["method"] == method and r["learning_rate"] == rate]
+        for method, rate in chosen.items()
+    }
+
+
+#: Timing noise allowed when a run is read at a time budget: a seed 2% slower than the mean still counts.
+TIME_SLACK = 1.02
+
+
+def value_at(run: dict, key: str, limit: float, axis: str) -> float | None:
+    """The metric at the last validation point with ``axis`` (step, or train_seconds within the slack) at
+    most ``limit``."""
+    slack = TIME_SLACK if axis == "train_seconds" else 1.0
+    reached = [point for point in run["curve"] if point[axis] <= limit * slack]
+    return reached[-1][key] if reached else None
+
+
+def mean_at(runs: list[dict], key: str, limit: float, axis: str) -> float | None:
+    values = [value_at(run, key, limit, axis) for run in runs]
+    return None if not values or None in values else statistics.mean(values)
+
+
+def grid_table(runs: list[dict], part: str, view: PartView, chosen: dict[str, float], grid_seed: int) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in runs if r["part"] == part))
+    lines = [
+        f"| method | final validation {view.label} by learning rate (seed {grid_seed}) | chosen |",
+        "|---|---|---:|",
+    ]
+    for method in methods:
+        grid = sorted(
+            (r for r in runs if r["part"] == part and r["method"] == method and r["seed"] == grid_seed),
+            key=lambda r: r["learning_rate"],
+        )
+        cells = ", ".join(f"{r['learning_rate']:g}: {view.show(r['curve'][-1][view.validation_key])}" for r in grid)
+        rate = chosen.get(method)
+        lines.append(f"| {method} | {cells} | {'-' if rate is None else f'{rate:g}'} |")
+    return "\n".join(lines)
+
+
+def summary_rows(by_method: dict[str, list[dict]], view: PartView) -> list[dict]:
+    rows = []
+    for method, runs in by_method.items():
+        if not runs:
+            continue
+        test_mean, test_std = _mean_std([r["test"][view.test_key] for r in runs])
+        rows.append(
+            {
+                "method": method,
+                "learning_rate": runs[0]["learning_rate"],
+                "seeds": sorted(r["seed"] for r in runs),
+                "test_mean": test_mean,
+                "test_std": test_std,
+                "tests": [r["test"][view.test_key] for r in sorted(runs, key=lambda r: r["seed"])],
+                "validation_mean": statistics.mean(r["curve"][-1][view.validation_key] for r in runs),
+                "activation_mib": statistics.mean(r["activation_mib"] for r in runs),
+                "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
+                "steps": runs[0]["curve"][-1]["step"],
+            }
+        )
+    return rows
+
+
+def summary_table(rows: list[dict], view: PartView) -> str:
+    by_name = {row["method"]: row for row in rows}
+    lines = [
+        f"| method | learning rate | test {view.label}, mean ± std | per seed | seeds | against | "
+        "activation memory, one step (MiB) | training seconds | steps |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        reference = by_name.get(view.references.get(row["method"], ""))
+        against = f"{view.gap(row['test_mean'], reference['test_mean'])} vs {reference['method']}" if reference else "-"
+        per_seed = ", ".join(view.show(value) for value in row["tests"])
+        lines.append(
+            f"| {row['method']} | {row['learning_rate']:g} | {view.show(row['test_mean'])} ± "
+            f"{view.show(row['test_std'])} | {per_seed} | {len(row['seeds'])} | {against} | "
+            f"{row['activation_mib']:.1f} | {row['train_seconds']:.0f} | {row['steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def budget_table(by_method: dict[str, list[dict]], view: PartView, axis: str, limits: list[float]) -> str:
+    """Mean validation metric of each method when ``axis`` reaches each limit (last point at or before it)."""
+    header = " | ".join(f"{limit:g} steps" if axis == "step" else f"{limit:.0f} s" for limit in limits)
+    lines = [f"| method | {header} |", "|---|" + "---:|" * len(limits)]
+    for method, runs in by_method.items():
+        if runs:
+            cells = " | ".join(view.show(mean_at(runs, view.validation_key, limit, axis)) for limit in limits)
+            lines.append(f"| {method} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_curves(by_method: dict[str, list[dict]], view: PartView, axis: str, path: str, caption: str) -> None:
+    """Validation metric against steps or seconds: the seeds' mean, shaded between their min and max."""
+    figure, (plot,) = new_figure()
+    for method, runs in by_method.items():
+        if not runs:
+            continue
+        length = min(len(r["curve"]) for r in runs)
+        x = [statistics.mean(r["curve"][i][axis] for r in runs) for i in range(length)]
+        scale = 100 if view.higher_is_better else 1
+        values = [[scale * r["curve"][i][view.validation_key] for r in runs] for i in range(length)]
+        (line,) = plot.plot(x, [statistics.mean(v) for v in values], marker="o", markersize=3, label=method)
+        plot.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+    plot.set_xlabel("optimizer steps" if axis == "step" else "training seconds (evaluation excluded)")
+    plot.set_ylabel(f"validation {view.label}")
+    plot.legend(fontsize=7)
+    save_figure(figure, path, caption)
+
+
+def target_lines(rows: dict[str, dict], by_method: dict[str, list[dict]], part: str, view: PartView) -> list[str]:
+    """The issue's targets for this part, each met, missed or not measured, with the figures."""
+    lines = []
+    pairs = (
+        [("TokenTune 0.3", "full fine-tuning", 0.01), ("LoRA + TokenTune 0.3", "LoRA", 0.01)]
+        if part == "classification"
+        else [("LoRA + TokenTune 0.3", "LoRA", 0.03)]
+    )
+    for method, reference, tolerance in pairs:
+        mine, theirs = rows.get(method), rows.get(reference)
+        if not mine or not theirs or len(mine["seeds"]) < 3 or len(theirs["seeds"]) < 3:
+            lines.append(f"- {method} against {reference}: not measured (3 seeds of each needed).")
+            continue
+        if view.higher_is_better:
+            met = mine["test_mean"] >= theirs["test_mean"] - tolerance
+            want = f"within {100 * tolerance:.1f} point"
+        else:
+            met = mine["test_mean"] <= theirs["test_mean"] * (1 + tolerance)
+            want = f"within {100 * tolerance:.0f}%"
+        lines.append(
+            f"- {method} {want} of {reference}: **{'met' if met else 'missed'}** "
+            f"({view.show(mine['test_mean'])} ± {view.show(mine['test_std'])} against "
+            f"{view.show(theirs['test_mean'])} ± {view.show(theirs['test_std'])}, "
+            f"{view.gap(mine['test_mean'], theirs['test_mean'])})."
+        )
+    if part == "classification":
+        mine, theirs = by_method.get("TokenTune 0.3"), by_method.get("full fine-tuning")
+        if mine and theirs:
+            budget = rows["TokenTune 0.3"]["train_seconds"]
+            own = mean_at(mine, view.validation_key, budget, "train_seconds")
+            other = mean_at(theirs, view.validation_key, budget, "train_seconds")
+            verdict = "not measured" if other is None else ("met" if own >= other else "missed")
+            lines.append(
+                f"- TokenTune 0.3 at or above full fine-tuning at equal training time ({budget:.0f} s, TokenTune's "
+                f"whole run; validation accuracy, mean of seeds): **{verdict}** ({view.show(own)} against "
+                f"{view.show(other)})."
+            )
+    return lines
+
+
+def part_section(part: str, runs: list[dict], chosen: dict[str, float], grid_seed: int, folder: str, report_dir: str):
+    """The Markdown of one part, its plots written into ``folder``; also the rows it summarised."""
+    view = VIEWS[part]
+    by_method = chosen_runs(runs, part, chosen)
+    rows = summary_rows(by_method, view)
+    caption = f"{view.title}; {machine_description('cpu')}"
+    figures = []
+    for axis, name in (("step", "steps"), ("train_seconds", "seconds")):
+        path = os.path.join(folder, f"{part}_{name}.png")
+        plot_curves(by_method, view, axis, path, caption)
+        figures.append(f"![validation {view.label} against {name}]({os.path.relpath(path, report_dir)})")
+    steps = sorted({point["step"] for group in by_method.values() for r in group for point in r["curve"]})
+    end_times = sorted(row["train_seconds"] for row in rows)
+    sections = [
+        f"## {view.title}",
+        "",
+        "### Learning rate, chosen on the validation split",
+        "",
+        grid_table(runs, part, view, chosen, grid_seed),
+        "",
+        "### At the chosen learning rate: test split, once, after training",
+        "",
+        summary_table(rows, view),
+        "",
+        *figures,
+        "",
+        f"### Equal steps: validation {view.label} (mean of seeds)",
+        "",
+        budget_table(by_method, view, "step", steps),
+        "",
+        f"### Equal training time: validation {view.label} (mean of seeds) at each method's mean training "
+        f"time (the last point reached, {100 * (TIME_SLACK - 1):.0f}% slack for timing noise)",
+        "",
+        budget_table(by_method, view, "train_seconds", end_times),
+        "",
+        "### Targets",
+        "",
+        *target_lines({row["method"]: row for row in rows}, by_method, part, view),
+        "",
+    ]
+    return "\n".join(sections), rows
+
+
+def write_study_report(
+    report_path: str, folder: str, runs: list[dict], chosen: dict, missing: list[str], meta: dict
+) -> None:
+    """Write the report to ``report_path``, and its plots and ``results.json`` into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    report_dir = os.path.dirname(os.path.abspath(report_path))
+    grid_seed = meta["arguments"]["grid_seed"]
+    sections, summaries = [], {}
+    for part in chosen:
+        text, summaries[part] = part_section(part, runs, chosen[part], grid_seed, os.path.abspath(folder), report_dir)
+        sections.append(text)
+    missing_text = "\n".join(f"- {item}" for item in missing) if missing else "None: the study is complete."
+    report = "\n".join(
+        [
+            "# Quality: TokenTune against full fine-tuning and LoRA",
+            "",
+            f"Written by `{meta['command']}` on {machine_description('cpu')}, from {len(runs)} runs "
+            f"(each in `{os.path.relpath(os.path.join(folder, 'runs'), report_dir)}/`).",
+            "",
+            *sections,
+            "## Runs not yet made",
+            "",
+            missing_text,
+            "",
+        ]
+    )
+    with open(report_path, "w") as handle:
+        handle.write(report)
+    with open(os.path.join(folder, "results.json"), "w") as handle:
+        json.dump({**meta, "chosen_learning_rates": chosen, "summary": summaries, "missing": missing}, handle, indent=1)
+    print(report)
