@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, field
 from transformers import HfArgumentParser
 from trl import SFTConfig
 
-from quality_report import write_study_report
-from sft_trl import SFTStudyArguments, activation_mib, build_trainer, conversations
 from tokentune_peft.cli.offline import load_chatterbot_pairs
 
+from quality_report import write_study_report
+from sft_trl import SFTStudyArguments, activation_mib, build_trainer, conversations
 from study_utils import CONFIG_DIR, LearningCurve, run_setting
 
 
