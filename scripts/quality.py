@@ -57,13 +57,13 @@ CLASSIFICATION_METHODS = (
     Method("TokenTune 0.3", {"selection_ratio": 0.3}, FULL_GRID),
     Method("LoRA", {"tokentune": False, "lora": True}, LORA_GRID),
     Method("LoRA + TokenTune 0.3", {"lora": True, "selection_ratio": 0.3}, LORA_GRID),
-    Method("TokenTune 0.1", {"selection_ratio": 0.1}, FULL_GRID),
-    Method("TokenTune 0.5", {"selection_ratio": 0.5}, FULL_GRID),
     Method(
         "full fine-tuning, gradient checkpointing",
         {"tokentune": False, "gradient_checkpointing": True},
         learning_rate_of="full fine-tuning",
     ),
+    Method("TokenTune 0.1", {"selection_ratio": 0.1}, FULL_GRID),
+    Method("TokenTune 0.5", {"selection_ratio": 0.5}, FULL_GRID),
 )
 SFT_METHODS = (
     Method("LoRA", {"tokentune": False}, SFT_GRID),
