@@ -227,9 +227,42 @@ def target_lines(rows: dict[str, dict], by_method: dict[str, list[dict]], part: 
     return lines
 
 
-def part_section(part: str, runs: list[dict], chosen: dict[str, float], grid_seed: int, folder: str, report_dir: str):
+def setup_text(part: str, arguments: dict) -> str:
+    """What a part trains, on what, and how long, from the study's arguments."""
+    seeds = ", ".join(str(seed) for seed in arguments["seeds"])
+    common = (
+        f"Learning rate chosen on the validation split at seed {arguments['grid_seed']}, then seeds {seeds} at that "
+        "rate; the test split is used for no choice (evaluated after training; classification also before it). "
+        "Training seconds count optimizer steps only "
+        "(evaluation excluded)."
+    )
+    if part == "classification":
+        samples = arguments["train_samples"] or "10,202 (all)"
+        return (
+            f"MiniLM-L6 (all-MiniLM-L6-v2, new 2-class head), recipe `configs/minilm_rotten_tomatoes_tokentune.yaml`: "
+            f"{samples} training reviews, {arguments['epochs']:g} epoch(s), batch 32, 64 tokens, AdamW, 20 warm-up "
+            f"steps then linear decay, weight decay 0.01; LoRA r=8 on every linear layer, classifier trained in full. "
+            f"Validation accuracy (1,275 reviews) every {arguments['eval_steps']} steps and after the last; test "
+            f"split 1,275 reviews. {common}"
+        )
+    return (
+        f"SmolLM2-135M-Instruct through TRL's `SFTTrainer` (prompt/completion chats, loss on the answers): the "
+        f"1,058 chatterbot training pairs less {arguments['sft_validation_pairs']} held out for validation, "
+        f"{arguments['sft_epochs']:g} epochs, batch 8, 128 tokens, 10 warm-up steps, LoRA r=8 on every linear "
+        f"layer; validation answer loss every {arguments['sft_eval_steps']} steps and after the last; test: the "
+        f"118 held-out pairs. {common}"
+    )
+
+
+def part_section(
+    part: str, runs: list[dict], chosen: dict[str, float], arguments: dict, folder: str, report_dir: str
+) -> tuple[str, list[dict]]:
     """The Markdown of one part, its plots written into ``folder``; also the rows it summarised."""
     view = VIEWS[part]
+    grid_seed = arguments["grid_seed"]
+    if not any(run["part"] == part for run in runs):
+        missing = "No run of this part has been made yet; they are listed at the end."
+        return f"## {view.title}\n\n{setup_text(part, arguments)}\n\n{missing}\n", []
     by_method = chosen_runs(runs, part, chosen)
     rows = summary_rows(by_method, view)
     caption = f"{view.title}; {machine_description('cpu')}"
@@ -242,6 +275,8 @@ def part_section(part: str, runs: list[dict], chosen: dict[str, float], grid_see
     end_times = sorted(row["train_seconds"] for row in rows)
     sections = [
         f"## {view.title}",
+        "",
+        setup_text(part, arguments),
         "",
         "### Learning rate, chosen on the validation split",
         "",
@@ -276,10 +311,11 @@ def write_study_report(
     """Write the report to ``report_path``, and its plots and ``results.json`` into ``folder``."""
     os.makedirs(folder, exist_ok=True)
     report_dir = os.path.dirname(os.path.abspath(report_path))
-    grid_seed = meta["arguments"]["grid_seed"]
     sections, summaries = [], {}
     for part in chosen:
-        text, summaries[part] = part_section(part, runs, chosen[part], grid_seed, os.path.abspath(folder), report_dir)
+        text, summaries[part] = part_section(
+            part, runs, chosen[part], meta["arguments"], os.path.abspath(folder), report_dir
+        )
         sections.append(text)
     missing_text = "\n".join(f"- {item}" for item in missing) if missing else "None: the study is complete."
     report = "\n".join(
@@ -287,7 +323,9 @@ def write_study_report(
             "# Quality: TokenTune against full fine-tuning and LoRA",
             "",
             f"Written by `{meta['command']}` on {machine_description('cpu')}, from {len(runs)} runs "
-            f"(each in `{os.path.relpath(os.path.join(folder, 'runs'), report_dir)}/`).",
+            f"(each in `{os.path.relpath(os.path.join(folder, 'runs'), report_dir)}/`; a study run again skips "
+            "them, so the runs may come from several sittings). What to set, drawn from these tables: the "
+            "README's section *What it costs in accuracy, and what to set*.",
             "",
             *sections,
             "## Runs not yet made",
