@@ -278,7 +278,7 @@ def free_port() -> int:
 def leave_without_teardown() -> None:
     """End a multi-process worker once its results are written: flush, then exit without the interpreter's
     teardown. In torch 2.13 a gloo rank can abort there ("terminate called without an active exception",
-    SIGABRT) after its work is done, even with its process group destroyed: about 1 launch in 25 on this
+    SIGABRT) after its work is done, even with its process group destroyed: about 1 launch in 20 on this
     machine (see pytorch/pytorch#179291), which would fail a test whose results are all correct."""
     sys.stdout.flush()
     sys.stderr.flush()
