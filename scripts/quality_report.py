@@ -105,6 +105,7 @@ def grid_table(runs: list[dict], part: str, view: PartView, chosen: dict[str, fl
         f"| method | final validation {view.label} by learning rate (seed {grid_seed}) | chosen |",
         "|---|---|---:|",
     ]
+    at_an_edge = False
     for method in methods:
         grid = sorted(
             (r for r in runs if r["part"] == part and r["method"] == method and r["seed"] == grid_seed),
@@ -112,7 +113,15 @@ def grid_table(runs: list[dict], part: str, view: PartView, chosen: dict[str, fl
         )
         cells = ", ".join(f"{r['learning_rate']:g}: {view.show(r['curve'][-1][view.validation_key])}" for r in grid)
         rate = chosen.get(method)
-        lines.append(f"| {method} | {cells} | {'-' if rate is None else f'{rate:g}'} |")
+        rates = [r["learning_rate"] for r in grid]
+        edge = len(rates) > 1 and rate in (rates[0], rates[-1])
+        at_an_edge |= edge
+        lines.append(f"| {method} | {cells} | {'-' if rate is None else f'{rate:g}'}{' (grid edge)' * edge} |")
+    if at_an_edge:
+        lines.append(
+            "\n(grid edge): the best rate was the grid's smallest or largest; the rate beyond it was not tried "
+            "and may be better still."
+        )
     return "\n".join(lines)
 
 
@@ -158,13 +167,13 @@ def summary_table(rows: list[dict], view: PartView) -> str:
     return "\n".join(lines)
 
 
-def budget_table(by_method: dict[str, list[dict]], view: PartView, axis: str, limits: list[float]) -> str:
-    """Mean validation metric of each method when ``axis`` reaches each limit (last point at or before it)."""
-    header = " | ".join(f"{limit:g} steps" if axis == "step" else f"{limit:.0f} s" for limit in limits)
-    lines = [f"| method | {header} |", "|---|" + "---:|" * len(limits)]
+def budget_table(by_method: dict[str, list[dict]], view: PartView, axis: str, columns: list[tuple[str, float]]) -> str:
+    """Mean validation metric of each method when ``axis`` reaches each column's limit (last point at or before it)."""
+    header = " | ".join(name for name, _ in columns)
+    lines = [f"| method | {header} |", "|---|" + "---:|" * len(columns)]
     for method, runs in by_method.items():
         if runs:
-            cells = " | ".join(view.show(mean_at(runs, view.validation_key, limit, axis)) for limit in limits)
+            cells = " | ".join(view.show(mean_at(runs, view.validation_key, limit, axis)) for _, limit in columns)
             lines.append(f"| {method} | {cells} |")
     return "\n".join(lines)
 
@@ -272,7 +281,9 @@ def part_section(
         plot_curves(by_method, view, axis, path, caption)
         figures.append(f"![validation {view.label} against {name}]({os.path.relpath(path, report_dir)})")
     steps = sorted({point["step"] for group in by_method.values() for r in group for point in r["curve"]})
-    end_times = sorted(row["train_seconds"] for row in rows)
+    step_columns = [(f"{step} steps", step) for step in steps]
+    end_times = sorted((row["train_seconds"], row["method"]) for row in rows)
+    time_columns = [(f"{seconds:.0f} s: {method}'s end", seconds) for seconds, method in end_times]
     sections = [
         f"## {view.title}",
         "",
@@ -290,12 +301,12 @@ def part_section(
         "",
         f"### Equal steps: validation {view.label} (mean of seeds)",
         "",
-        budget_table(by_method, view, "step", steps),
+        budget_table(by_method, view, "step", step_columns),
         "",
         f"### Equal training time: validation {view.label} (mean of seeds) at each method's mean training "
         f"time (the last point reached, {100 * (TIME_SLACK - 1):.0f}% slack for timing noise)",
         "",
-        budget_table(by_method, view, "train_seconds", end_times),
+        budget_table(by_method, view, "train_seconds", time_columns),
         "",
         "### Targets",
         "",

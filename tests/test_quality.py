@@ -9,6 +9,7 @@ import pytest
 
 import quality
 from helpers import offline_installed
+from quality_report import VIEWS, grid_table
 from study_utils import LearningCurve
 
 
@@ -33,6 +34,20 @@ def test_learning_curve_records_validation_points_against_steps_and_training_sec
     curve.on_evaluate(None, state, control, metrics={"test_accuracy": 0.6, "test_runtime": 1.0})  # not training's
     assert [(point["step"], point["eval_accuracy"]) for point in curve.points] == [(3, 0.5)]
     assert 0 < curve.points[0]["train_seconds"] == curve.train_seconds
+
+
+def test_grid_table_marks_a_rate_chosen_at_the_grid_edge():
+    def run(method: str, rate: float, accuracy: float) -> dict:
+        return {"part": "classification", "method": method, "learning_rate": rate, "seed": 0,
+                "curve": [{"eval_accuracy": accuracy}]}  # fmt: skip
+
+    runs = [run("inside", 1e-4, 0.80), run("inside", 2e-4, 0.82), run("inside", 4e-4, 0.81)]
+    runs += [run("top", 1e-4, 0.80), run("top", 2e-4, 0.81), run("top", 4e-4, 0.82)]
+    table = grid_table(runs, "classification", VIEWS["classification"], {"inside": 2e-4, "top": 4e-4}, 0)
+    assert "| inside | 0.0001: 80.00, 0.0002: 82.00, 0.0004: 81.00 | 0.0002 |" in table
+    assert "| top | 0.0001: 80.00, 0.0002: 81.00, 0.0004: 82.00 | 0.0004 (grid edge) |" in table
+    assert "the rate beyond it was not tried" in table
+    assert "grid edge" not in grid_table(runs[:3], "classification", VIEWS["classification"], {"inside": 2e-4}, 0)
 
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
@@ -87,7 +102,13 @@ def test_quick_sft_study_runs_each_method_through_trl(tmp_path):
 
     runs = runs_of(tmp_path, "sft")
     assert sorted({run["method"] for run in runs}) == sorted(method.name for method in quality.SFT_METHODS)
-    assert len(runs) == 2 * len(quality.SFT_METHODS)  # two rates each at seed 0
+    chosen = json.loads((tmp_path / "quality" / "results.json").read_text())["chosen_learning_rates"]["sft"]
+    for method in quality.SFT_METHODS:
+        rates = sorted(run["learning_rate"] for run in runs if run["method"] == method.name)
+        if method.learning_rate_of is None:
+            assert rates == sorted(method.learning_rates[:2])  # two rates at seed 0
+        else:
+            assert rates == [chosen[method.learning_rate_of]]  # the other method's choice, no grid
     for run in runs:
         assert [point["step"] for point in run["curve"]] == [1, 2]
         assert run["test"]["loss"] > 0 and run["activation_mib"] > 0
