@@ -99,6 +99,9 @@ class QualityArguments:
     train_samples: int | None = field(default=None, metadata={"help": "Classification: first N training reviews."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT: epochs over the training pairs."})
     sft_eval_steps: int = field(default=24, metadata={"help": "SFT: steps between validation points."})
+    sft_batch_size: int = field(default=8, metadata={"help": "SFT: training pairs per step."})
+    sft_max_length: int = field(default=128, metadata={"help": "SFT: tokens per chat, longer ones truncated."})
+    sft_warmup_steps: int = field(default=10, metadata={"help": "SFT: learning rate warm-up steps."})
     sft_validation_pairs: int = field(default=106, metadata={"help": "SFT: training pairs held out for validation."})
     max_minutes: float | None = field(
         default=None, metadata={"help": "Start no new run after this many minutes; run again to resume."}
@@ -165,13 +168,13 @@ def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: 
         seed=seed,
         num_train_epochs=args.sft_epochs,
         max_steps=2 if args.quick else -1,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=args.sft_batch_size,
         per_device_eval_batch_size=16,
-        max_length=128,
+        max_length=args.sft_max_length,
         eval_strategy="steps",
         eval_steps=1 if args.quick else args.sft_eval_steps,
         logging_steps=1 if args.quick else args.sft_eval_steps,
-        warmup_steps=0 if args.quick else 10,
+        warmup_steps=0 if args.quick else args.sft_warmup_steps,
         save_strategy="no",
         report_to=[],
         use_cpu=True,

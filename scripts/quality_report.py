@@ -257,8 +257,9 @@ def setup_text(part: str, arguments: dict) -> str:
     return (
         f"SmolLM2-135M-Instruct through TRL's `SFTTrainer` (prompt/completion chats, loss on the answers): the "
         f"1,058 chatterbot training pairs less {arguments['sft_validation_pairs']} held out for validation, "
-        f"{arguments['sft_epochs']:g} epochs, batch 8, 128 tokens, 10 warm-up steps, LoRA r=8 on every linear "
-        f"layer; validation answer loss every {arguments['sft_eval_steps']} steps and after the last; test: the "
+        f"{arguments['sft_epochs']:g} epochs, batch {arguments['sft_batch_size']}, "
+        f"{arguments['sft_max_length']} tokens, {arguments['sft_warmup_steps']} warm-up steps, LoRA r=8 on every "
+        f"linear layer; validation answer loss every {arguments['sft_eval_steps']} steps and after the last; test: the "
         f"118 held-out pairs. {common}"
     )
 
