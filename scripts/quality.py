@@ -6,6 +6,9 @@ memory? Learning curves, a learning rate chosen per method on validation data, t
   0.3, and full fine-tuning with gradient checkpointing as the competitor at low activation memory.
   Validation accuracy is recorded every ``eval_steps`` steps against steps and training seconds; the
   test split is evaluated once, after training.
+* **convergence**: the classification part's main methods (full fine-tuning, TokenTune 0.3, LoRA, LoRA +
+  TokenTune 0.3) trained for ``convergence_epochs``, each at the learning rate the classification part
+  chose for it: do the curves flatten, and does the gap close with more passes over the data?
 * **supervised fine-tuning** through TRL's ``SFTTrainer``, SmolLM2-135M-Instruct on the chatterbot
   training pairs (a validation split carved from them): LoRA, LoRA + TokenTune 0.3 (uniform and
   supervised selection), QLoRA + TokenTune 0.3; validation answer loss against steps and seconds, and
@@ -76,8 +79,31 @@ SFT_METHODS = (
         learning_rate_of="LoRA + TokenTune 0.3",
     ),
 )
-#: Each part's methods and the validation metric that chooses the learning rate (higher is better).
-PARTS = {"classification": (CLASSIFICATION_METHODS, "eval_accuracy", 1), "sft": (SFT_METHODS, "eval_loss", -1)}
+#: The main classification comparisons, trained longer at the rates the classification part chose.
+CONVERGENCE_METHODS = tuple(
+    Method(method.name, method.settings, learning_rate_of=method.name)
+    for method in CLASSIFICATION_METHODS
+    if method.name in ("full fine-tuning", "TokenTune 0.3", "LoRA", "LoRA + TokenTune 0.3")
+)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of the study: its methods, the validation metric that chooses learning rates, and the part
+    whose chosen rates its methods' ``learning_rate_of`` names (its own when None)."""
+
+    methods: tuple[Method, ...]
+    metric: str
+    sign: int  # 1 when a higher metric is better, -1 when lower is
+    rates_from: str | None = None
+
+
+#: In the order they run: a part that takes another's learning rates comes after it.
+PARTS = {
+    "classification": Part(CLASSIFICATION_METHODS, "eval_accuracy", 1),
+    "convergence": Part(CONVERGENCE_METHODS, "eval_accuracy", 1, rates_from="classification"),
+    "sft": Part(SFT_METHODS, "eval_loss", -1),
+}
 
 
 @dataclass
@@ -95,6 +121,9 @@ class QualityArguments:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds at the chosen rate."})
     grid_seed: int = field(default=0, metadata={"help": "The seed the learning rate grid is run with."})
     epochs: float = field(default=1.0, metadata={"help": "Classification: epochs over the training split."})
+    convergence_epochs: float = field(
+        default=3.0, metadata={"help": "Convergence: epochs over the classification training split."}
+    )
     eval_steps: int = field(default=64, metadata={"help": "Classification: steps between validation points."})
     train_samples: int | None = field(default=None, metadata={"help": "Classification: first N training reviews."})
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT: epochs over the training pairs."})
@@ -114,6 +143,10 @@ class QualityArguments:
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise ValueError(f"`parts` must be among {tuple(PARTS)}; got {sorted(unknown)}.")
+        for part in self.parts:
+            source = PARTS[part].rates_from
+            if source is not None and source not in self.parts:
+                raise ValueError(f"`parts` with {part!r} must include {source!r}, whose learning rates it takes.")
         if self.grid_seed not in self.seeds:
             raise ValueError(f"`grid_seed` ({self.grid_seed}) must be one of `seeds` ({self.seeds}).")
 
@@ -123,14 +156,17 @@ def run_file(args: QualityArguments, part: str, method: Method, learning_rate: f
     return os.path.join(args.output_dir, "runs", part, slug, f"lr{learning_rate:g}_seed{seed}.json")
 
 
-def classification_run(args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str) -> dict:
-    """One MiniLM (tiny BERT when quick) run through the recipe code, with its validation curve."""
+def classification_run(
+    args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str, epochs: float | None = None
+) -> dict:
+    """One MiniLM (tiny BERT when quick) run through the recipe code, with its validation curve; over
+    ``args.epochs`` unless ``epochs`` is given."""
     config = "tiny_bert_rotten_tomatoes.yaml" if args.quick else "minilm_rotten_tomatoes_tokentune.yaml"
     overrides = {
         **method.settings,
         "learning_rate": learning_rate,
         "seed": seed,
-        "num_train_epochs": args.epochs,
+        "num_train_epochs": args.epochs if epochs is None else epochs,
         "eval_strategy": "steps",
         "eval_steps": args.eval_steps,
         "logging_steps": args.eval_steps,
@@ -152,6 +188,11 @@ def classification_run(args: QualityArguments, method: Method, learning_rate: fl
         "train_seconds": curve.train_seconds,
         "wall_seconds": outcome["wall_seconds"],
     }
+
+
+def convergence_run(args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str) -> dict:
+    """A classification run over ``args.convergence_epochs``."""
+    return classification_run(args, method, learning_rate, seed, scratch, epochs=args.convergence_epochs)
 
 
 def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str) -> dict:
@@ -198,7 +239,7 @@ def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: 
     }
 
 
-RUNNERS = {"classification": classification_run, "sft": sft_run}
+RUNNERS = {"classification": classification_run, "convergence": convergence_run, "sft": sft_run}
 
 
 class Study:
@@ -231,23 +272,25 @@ class Study:
         self.runs[path] = record
         return record
 
-    def run_part(self, part: str) -> dict[str, float]:
-        """Each method's grid at the grid seed, then its other seeds at the chosen rate; the chosen rates."""
-        methods, metric, sign = PARTS[part]
+    def run_part(self, part: str, rates_from: dict[str, float]) -> dict[str, float]:
+        """Each method's grid at the grid seed, then its other seeds at the chosen rate; the chosen rates.
+        ``rates_from`` holds the rates chosen in the part named by ``PARTS[part].rates_from``."""
+        settings = PARTS[part]
         chosen: dict[str, float] = {}
-        for method in methods:
+        for method in settings.methods:
             if method.learning_rate_of is not None:
-                if method.learning_rate_of not in chosen:
+                known = rates_from if settings.rates_from is not None else chosen
+                if method.learning_rate_of not in known:
                     self.missing.append(f"{part}: {method.name} (needs {method.learning_rate_of}'s learning rate)")
                     continue
-                rate = chosen[method.learning_rate_of]
+                rate = known[method.learning_rate_of]
             else:
                 finals = {}
                 grid = method.learning_rates[:2] if self.args.quick else method.learning_rates
                 for rate in grid:
                     record = self.run(part, method, rate, self.args.grid_seed)
                     if record is not None:
-                        finals[rate] = sign * record["curve"][-1][metric]
+                        finals[rate] = settings.sign * record["curve"][-1][settings.metric]
                 if len(finals) < len(grid):
                     continue  # a rate chosen from part of the grid would not be the grid's choice
                 rate = max(finals, key=finals.get)
@@ -261,7 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``scripts/quality.py``."""
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
     study = Study(args)
-    chosen = {part: study.run_part(part) for part in args.parts}
+    chosen: dict[str, dict[str, float]] = {}
+    for part, settings in PARTS.items():
+        if part in args.parts:
+            chosen[part] = study.run_part(part, chosen.get(settings.rates_from, {}))
     command = "python scripts/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_study_report(
         args.report_path,

@@ -52,7 +52,7 @@ def test_grid_table_marks_a_rate_chosen_at_the_grid_edge():
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
 def test_quick_classification_study_chooses_rates_on_validation_and_resumes(tmp_path, monkeypatch):
-    quick(tmp_path, "--parts", "classification", "--seeds", "0", "1")
+    quick(tmp_path, "--parts", "classification", "convergence", "--seeds", "0", "1")
 
     runs = runs_of(tmp_path, "classification")
     results = json.loads((tmp_path / "quality" / "results.json").read_text())
@@ -71,19 +71,34 @@ def test_quick_classification_study_chooses_rates_on_validation_and_resumes(tmp_
             assert [point["step"] for point in run["curve"]] == [2, 4]  # every 2 steps, and the last
             assert 0 < run["curve"][0]["train_seconds"] < run["curve"][1]["train_seconds"]
             assert 0 <= run["test"]["accuracy"] <= 1 and run["activation_mib"] > 0
+    longer = runs_of(tmp_path, "convergence")  # each main method at the classification part's rate, no grid
+    assert {(run["method"], run["learning_rate"], run["seed"]) for run in longer} == {
+        (method.name, chosen[method.name], seed) for method in quality.CONVERGENCE_METHODS for seed in (0, 1)
+    }
+    assert results["chosen_learning_rates"]["convergence"] == {
+        m.name: chosen[m.name] for m in quality.CONVERGENCE_METHODS
+    }
     report = (tmp_path / "quality.md").read_text()
     for method in quality.CLASSIFICATION_METHODS:
         assert f"\n| {method.name} | " in report
+    assert "Taken from the classification part's choice (validation split, seed 0): full fine-tuning: " in report
     assert "None: the study is complete." in report
-    for view in ("steps", "seconds"):
-        assert (tmp_path / "quality" / f"classification_{view}.png").read_bytes()[:4] == b"\x89PNG"
+    for part in ("classification", "convergence"):
+        for view in ("steps", "seconds"):
+            assert (tmp_path / "quality" / f"{part}_{view}.png").read_bytes()[:4] == b"\x89PNG"
 
     def no_training(*args):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setitem(quality.RUNNERS, "classification", no_training)
-    quick(tmp_path, "--parts", "classification", "--seeds", "0", "1")  # every run is read back from its file
+    monkeypatch.setitem(quality.RUNNERS, "convergence", no_training)
+    quick(tmp_path, "--parts", "classification", "convergence", "--seeds", "0", "1")  # every run read back
     assert (tmp_path / "quality.md").read_text() == report
+
+
+def test_a_part_that_takes_another_parts_rates_needs_that_part():
+    with pytest.raises(ValueError, match="`parts` with 'convergence' must include 'classification'"):
+        quality.QualityArguments(parts=["convergence"])
 
 
 def test_a_study_out_of_time_lists_the_runs_it_did_not_make(tmp_path):
