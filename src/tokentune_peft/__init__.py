@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from .config import TokenTuneConfig  # noqa: E402
 from .memory import SavedTensorMeter, saved_activation_bytes  # noqa: E402
+from .quantization import keep_4bit_layers_trainable  # noqa: E402
 from .registration import register_with_peft  # noqa: E402
 from .selection import sample_positions  # noqa: E402
 from .tuner import TokenTuneLoraModel, TokenTuneModel  # noqa: E402
@@ -26,6 +27,7 @@ __all__ = [
     "TokenTuneLoraModel",
     "TokenTuneModel",
     "__version__",
+    "keep_4bit_layers_trainable",
     "register_with_peft",
     "sample_positions",
     "saved_activation_bytes",

@@ -20,6 +20,7 @@ from .attention import base_implementation_name, tokentune_implementation_name
 from .config import TokenTuneConfig
 from .engine import TokenTuneEngine
 from .model_support import check_head_supported, check_model_supported, is_decoder
+from .quantization import check_4bit_layers_trainable, keep_4bit_layers_trainable
 from .save_formats import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
 from .selection import build_selector
 
@@ -32,6 +33,7 @@ class _TokenTuneStepMixin:
     def _setup_tokentune(self, model: nn.Module, config: TokenTuneConfig) -> None:
         check_model_supported(model)
         check_head_supported(model, config.task_type)
+        keep_4bit_layers_trainable(model)
         implementation = model.config._attn_implementation
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
@@ -55,6 +57,7 @@ class _TokenTuneStepMixin:
                 "needs its own ('tokentune_sdpa' or 'tokentune_eager'). Call set_attn_implementation before "
                 "get_peft_model."
             )
+        check_4bit_layers_trainable(self.model)
         return self.tokentune_engine(
             self.model, selected_positions=selected_positions, trainer_generator=trainer_generator, **kwargs
         )

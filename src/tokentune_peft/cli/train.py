@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from ..memory import MIB, saved_activation_bytes
+from ..quantization import keep_4bit_layers_trainable
 from ..selection.labels import IGNORE_INDEX
 from ..trainer import TokenTuneTrainer
 from . import offline
@@ -81,6 +82,7 @@ def load_model_and_tokenizer(recipe: RecipeArguments):
     model.name_or_path = model.config._name_or_path = offline.HUB_NAMES.get(recipe.model_name, recipe.model_name)
     if recipe.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layers_trainable(model)  # plain QLoRA too: the evaluation before training must not repack
     return model, tokenizer
 
 
