@@ -34,12 +34,14 @@ def _repacked_for_cpu_inference(layers: list[nn.Module]) -> list[nn.Module]:
     return [layer for layer in layers if getattr(layer.weight.quant_state, "packing_format_for_cpu", False)]
 
 
-def keep_4bit_layers_trainable(model: nn.Module) -> None:
-    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer of ``model``; raise ValueError
-    if a layer is already repacked (its weights cannot be restored exactly: load the model again).
+def keep_4bit_layers_trainable(model: nn.Module) -> list[nn.Module]:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer of ``model`` and return those
+    layers; raise ValueError if one is already repacked (its weights cannot be restored exactly: load the
+    model again).
 
     Example:
         >>> keep_4bit_layers_trainable(nn.Linear(2, 2))  # no 4-bit layer: nothing to do
+        []
     """
     layers = four_bit_layers(model)
     if _repacked_for_cpu_inference(layers):
@@ -50,15 +52,17 @@ def keep_4bit_layers_trainable(model: nn.Module) -> None:
         )
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False  # the flag bitsandbytes reads before repacking
+    return layers
 
 
-def check_4bit_layers_trainable(model: nn.Module) -> None:
-    """Raise RuntimeError if a 4-bit layer of ``model`` was repacked for CPU inference since it was wrapped.
+def check_4bit_layers_trainable(layers: list[nn.Module]) -> None:
+    """Raise RuntimeError if one of ``layers`` (as :func:`keep_4bit_layers_trainable` returned them) was
+    repacked for CPU inference since.
 
     Example:
-        >>> check_4bit_layers_trainable(nn.Linear(2, 2))
+        >>> check_4bit_layers_trainable([])
     """
-    repacked = _repacked_for_cpu_inference(four_bit_layers(model))
+    repacked = _repacked_for_cpu_inference(layers)
     if repacked:
         raise RuntimeError(
             f"{len(repacked)} 4-bit layers were repacked by bitsandbytes for CPU inference after get_peft_model "

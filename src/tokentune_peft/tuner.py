@@ -33,7 +33,7 @@ class _TokenTuneStepMixin:
     def _setup_tokentune(self, model: nn.Module, config: TokenTuneConfig) -> None:
         check_model_supported(model)
         check_head_supported(model, config.task_type)
-        keep_4bit_layers_trainable(model)
+        self.tokentune_four_bit_layers = keep_4bit_layers_trainable(model)  # checked at each step, not searched
         implementation = model.config._attn_implementation
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
@@ -57,7 +57,7 @@ class _TokenTuneStepMixin:
                 "needs its own ('tokentune_sdpa' or 'tokentune_eager'). Call set_attn_implementation before "
                 "get_peft_model."
             )
-        check_4bit_layers_trainable(self.model)
+        check_4bit_layers_trainable(self.tokentune_four_bit_layers)
         return self.tokentune_engine(
             self.model, selected_positions=selected_positions, trainer_generator=trainer_generator, **kwargs
         )
