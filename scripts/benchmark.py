@@ -32,7 +32,8 @@ from transformers import (
 from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
 from tokentune_peft.cli.plots import new_figure, save_figure
 from tokentune_peft.config import TokenTuneConfig
-from tokentune_peft.memory import MIB, saved_activation_bytes
+from tokentune_peft.dense_top import transformer_layers
+from tokentune_peft.memory import MIB, SavedTensorMeter
 
 from study_utils import machine_description
 
@@ -51,18 +52,20 @@ ENGINES = ("single-pass", "two-pass")
 @dataclass
 class Setting:
     """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing,
-    TokenTune's selection strategy ("+supervised", "+importance"; uniform by default) and engine
-    ("+single-pass", "+two-pass"; "auto" by default).
+    TokenTune's selection strategy ("+supervised", "+importance"; uniform by default), engine
+    ("+single-pass", "+two-pass"; "auto" by default) and dense top layers ("+dense<L>"; 0 by default).
 
     Example:
         >>> Setting.parse("tokentune-0.3+qlora+gc")
-        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True, selection='uniform', engine='auto')
+        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True, selection='uniform', engine='auto', dense=0)
         >>> Setting.parse("tokentune-0.3+two-pass").engine
         'two-pass'
         >>> Setting.parse("tokentune-0.1+importance").selection
         'importance'
         >>> Setting.parse("tokentune-0.3+lora").baseline
         'lora'
+        >>> Setting.parse("tokentune-0.1+lora+dense2").dense, Setting.parse("tokentune-0.1+lora+dense2").without_dense
+        (2, 'tokentune-0.1+lora')
     """
 
     ratio: float | None = None
@@ -71,6 +74,7 @@ class Setting:
     checkpointing: bool = False
     selection: str = "uniform"
     engine: str = "auto"
+    dense: int = 0
 
     @classmethod
     def parse(cls, name: str) -> Setting:
@@ -89,10 +93,13 @@ class Setting:
             if extra in ENGINES and setting.ratio is not None:
                 setting.engine = extra
                 continue
+            if extra.startswith("dense") and extra[5:].isdigit() and setting.ratio is not None:
+                setting.dense = int(extra[5:])
+                continue
             if extra not in ("lora", "qlora", "gc"):
                 raise ValueError(
                     f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora', '+gc', or with TokenTune "
-                    "'+supervised', '+importance', '+single-pass' or '+two-pass'."
+                    "'+supervised', '+importance', '+single-pass', '+two-pass' or '+dense<L>'."
                 )
             setting.lora |= extra in ("lora", "qlora")
             setting.quantized |= extra == "qlora"
@@ -105,12 +112,30 @@ class Setting:
         name = "qlora" if self.quantized else "lora" if self.lora else "full"
         return name + ("+gc" if self.checkpointing else "")
 
+    @property
+    def without_dense(self) -> str:
+        """The same setting with TokenTune's dense top layers off."""
+        parts = [f"tokentune-{self.ratio}"] + [
+            part
+            for part, on in (
+                ("qlora", self.quantized),
+                ("lora", self.lora and not self.quantized),
+                ("gc", self.checkpointing),
+                (self.selection, self.selection != "uniform"),
+                (self.engine, self.engine != "auto"),
+            )
+            if on
+        ]
+        return "+".join(parts)
+
 
 @dataclass
 class Measurement:
     setting: str
     seq_len: int
     saved_activation_bytes: int
+    #: Of those, the bytes saved from each transformer layer's input on (that layer, those above, the head, the loss).
+    saved_bytes_from_layer: list[int]
     keys_values_bytes: int
     selected_fraction: float
     peak_memory_bytes: int
@@ -122,13 +147,13 @@ def model_task(model_name: str) -> str:
     return PRETRAINED_TASKS.get(model_name, "CAUSAL_LM")
 
 
-def stage_model(model_name: str, staging_dir: str) -> str:
+def stage_model(model_name: str, staging_dir: str, num_hidden_layers: int | None = None) -> str:
     """The folder a setting loads its model from. A named config's random weights (seed 0) are saved
     into ``staging_dir`` first, so every setting, quantized or not, loads the same weights from disk
     and no worker's peak memory includes building them."""
     if model_name in LLAMA_SIZES:
         torch.manual_seed(0)
-        config = llama_config(model_name)
+        config = llama_config(model_name, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}))
         AutoModelForCausalLM.from_config(config).save_pretrained(staging_dir)
         return staging_dir
     if model_name in PRETRAINED_TASKS:
@@ -161,6 +186,7 @@ def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dty
             peft_config=adapter,
             selection=setting.selection,
             engine=setting.engine,
+            dense_top_layers=setting.dense,
         )
         model = get_peft_model(model, config)
     elif adapter is not None:
@@ -195,9 +221,19 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
     batch = {key: value.to(device) for key, value in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    outputs = {}
-    saved = saved_activation_bytes(model, lambda: outputs.setdefault("out", model(**batch)))
-    selected = outputs.pop("out").get("selected_positions")
+    meter = SavedTensorMeter(model, measure_only=True)
+    at_layer_start = []  # for a setting without TokenTune, whose layers each run once
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_: at_layer_start.append(meter.saved_bytes))
+        for layer in (transformer_layers(model) if setting.ratio is None else [])
+    ]
+    with meter:
+        output = model(**batch)
+    for hook in hooks:
+        hook.remove()
+    saved = meter.saved_bytes
+    selected = output.get("selected_positions")
+    del output
     fraction = 1.0 if selected is None else float((selected >= 0).sum()) / input_ids.numel()
 
     reset_peak_memory(device)
@@ -216,6 +252,7 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
         setting=setting_name,
         seq_len=seq_len,
         saved_activation_bytes=saved,
+        saved_bytes_from_layer=[saved - start for start in at_layer_start],
         keys_values_bytes=keys_and_values_bytes(model.config, batch_size, seq_len, torch_dtype),
         selected_fraction=fraction,
         peak_memory_bytes=peak,
@@ -266,6 +303,9 @@ class BenchmarkArguments:
         default_factory=lambda: list(DEFAULT_SETTINGS),
         metadata={"help": "Settings: full, lora, qlora or tokentune-<ratio>, each optionally with +lora, +qlora, +gc."},
     )
+    num_hidden_layers: int | None = field(
+        default=None, metadata={"help": "A named config's number of transformer layers, if not its own."}
+    )
     batch_size: int = field(default=2, metadata={"help": "Sequences per batch."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence for the settings table."})
     sweep: bool = field(default=True, metadata={"help": "Also run the sequence-length sweep."})
@@ -293,7 +333,14 @@ class BenchmarkArguments:
     def __post_init__(self):
         if self.quick:
             self.model, self.batch_size, self.seq_len, self.steps, self.sweep_steps = "llama-tiny", 2, 64, 2, 1
-            self.settings = ["full", "lora", "tokentune-0.3", "tokentune-0.3+lora", "tokentune-0.3+gc"]
+            self.settings = [
+                "full",
+                "lora",
+                "tokentune-0.3",
+                "tokentune-0.3+dense1",
+                "tokentune-0.3+lora",
+                "tokentune-0.3+gc",
+            ]
             self.sweep_seq_lens = [32, 64]
             self.separate_processes = False
         if self.dtype not in DTYPES:
@@ -324,41 +371,71 @@ def run_worker(args: BenchmarkArguments, setting: str, seq_len: int, steps: int)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def ideal_bytes(row: dict, baseline: dict, dense: int) -> float:
+    """What a TokenTune row should keep: r x the baseline's bytes below the first dense layer, plus every
+    token's keys and values in those layers, plus the baseline's bytes from the first dense layer on
+    (the top ``dense`` layers, the head and the loss); without dense layers, r x baseline + (1 - r) x keys
+    and values.
+
+    Example:
+        >>> ideal_bytes({"selected_fraction": 0.5, "keys_values_bytes": 40}, {"saved_activation_bytes": 100,
+        ...     "saved_bytes_from_layer": [90, 70, 50, 30]}, dense=1)
+        80.0
+    """
+    r = row["selected_fraction"]
+    from_layer = baseline["saved_bytes_from_layer"]
+    layers = len(from_layer)
+    top = from_layer[layers - dense] if dense else 0
+    keys_values = row["keys_values_bytes"] * (layers - dense) / layers
+    return r * (baseline["saved_activation_bytes"] - top) + (1 - r) * keys_values + top
+
+
+#: Columns each row is compared on, against full fine-tuning and against its setting without dense layers.
+COMPARED = ("saved_activation_bytes", "peak_memory_bytes", "step_seconds")
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Add ratios to full fine-tuning, and to the ideal against each row's own baseline (the same
-    setting without TokenTune): ideal = r x baseline + (1 - r) x all keys and values."""
+    """Add ratios to full fine-tuning; to the ideal against each row's own baseline (the same setting without
+    TokenTune, :func:`ideal_bytes`); and, for rows with dense top layers, to the same setting without them."""
     by_name = {(row["setting"], row["seq_len"]): row for row in rows if "error" not in row}
     for row in rows:
         full = by_name.get(("full", row["seq_len"]))
         if "error" in row or full is None:
             continue
-        for key in ("saved_activation_bytes", "peak_memory_bytes", "step_seconds"):
+        for key in COMPARED:
             row[f"{key}_vs_full"] = row[key] / full[key]
-        baseline = by_name.get((Setting.parse(row["setting"]).baseline, row["seq_len"]))
-        if Setting.parse(row["setting"]).ratio is not None and baseline is not None:
-            r = row["selected_fraction"]
-            ideal = r * baseline["saved_activation_bytes"] + (1 - r) * row["keys_values_bytes"]
-            row["saved_vs_ideal"] = row["saved_activation_bytes"] / ideal
+        setting = Setting.parse(row["setting"])
+        baseline = by_name.get((setting.baseline, row["seq_len"]))
+        if setting.ratio is not None and baseline is not None:
+            row["saved_vs_ideal"] = row["saved_activation_bytes"] / ideal_bytes(row, baseline, setting.dense)
+        plain = by_name.get((setting.without_dense, row["seq_len"])) if setting.dense else None
+        for key in COMPARED if plain is not None else ():
+            row[f"{key}_vs_dense0"] = row[key] / plain[key]
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| setting | tokens | saved activations (MiB) | vs full | vs ideal | peak memory (MiB) | vs full "
-        "| step (s) | vs full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    dense = any("saved_activation_bytes_vs_dense0" in row for row in rows)
+    header = "| setting | tokens | saved activations (MiB) | vs full | vs ideal | peak memory (MiB) | vs full "
+    header += "| step (s) | vs full |" + (" saved vs L=0 | peak vs L=0 | step vs L=0 |" if dense else "")
+    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
+
+    def ratio(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "-"
+
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['setting']} | {row['seq_len']} | failed: {row['error'][:80]} |||||||")
             continue
-        ideal = f"{row['saved_vs_ideal']:.3f}" if "saved_vs_ideal" in row else "-"
-        lines.append(
+        line = (
             f"| {row['setting']} | {row['seq_len']} | {row['saved_activation_bytes'] / MIB:.1f} "
-            f"| {row.get('saved_activation_bytes_vs_full', float('nan')):.3f} | {ideal} "
-            f"| {row['peak_memory_bytes'] / MIB:.0f} | {row.get('peak_memory_bytes_vs_full', float('nan')):.3f} "
-            f"| {row['step_seconds']:.3f} | {row.get('step_seconds_vs_full', float('nan')):.3f} |"
+            f"| {ratio(row, 'saved_activation_bytes_vs_full')} | {ratio(row, 'saved_vs_ideal')} "
+            f"| {row['peak_memory_bytes'] / MIB:.0f} | {ratio(row, 'peak_memory_bytes_vs_full')} "
+            f"| {row['step_seconds']:.3f} | {ratio(row, 'step_seconds_vs_full')} |"
         )
+        if dense:
+            line += "".join(f" {ratio(row, f'{key}_vs_dense0')} |" for key in COMPARED)
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -370,7 +447,7 @@ def plot(rows: list[dict], sweep: list[dict], output_dir: str, caption: str) -> 
         if "error" in row:
             continue
         setting = Setting.parse(row["setting"])
-        if setting.selection != "uniform" or setting.engine != "auto":  # compared in tables of their own
+        if setting.selection != "uniform" or setting.engine != "auto" or setting.dense:  # in tables of their own
             continue
         families.setdefault(setting.baseline, {})[setting.ratio if setting.ratio is not None else 1.0] = row
     for key, label, name in [
@@ -416,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(asdict(measure(args, args.settings[0], args.seq_len, args.steps))))
         return
     with tempfile.TemporaryDirectory() as staging_dir:
-        args.model_folder = stage_model(args.model, staging_dir)
+        args.model_folder = stage_model(args.model, staging_dir, args.num_hidden_layers)
         run_all(args)
 
 

@@ -3,7 +3,8 @@ memory? Learning curves, a learning rate chosen per method on validation data, t
 
 * **classification**, MiniLM-L6 on Rotten Tomatoes (the whole training split by default), through
   ``tokentune-train``'s own code: full fine-tuning, TokenTune 0.1 / 0.3 / 0.5, LoRA, LoRA + TokenTune
-  0.3, and full fine-tuning with gradient checkpointing as the competitor at low activation memory.
+  0.3, full fine-tuning with gradient checkpointing as the competitor at low activation memory, and
+  TokenTune with dense top layers (``dense_top_layers`` 1 and 2) and with gradient checkpointing.
   Validation accuracy is recorded every ``eval_steps`` steps against steps and training seconds; the
   test split is evaluated once, after training.
 * **convergence**: the classification part's main methods (full fine-tuning, TokenTune 0.3, LoRA, LoRA +
@@ -67,6 +68,17 @@ CLASSIFICATION_METHODS = (
     ),
     Method("TokenTune 0.1", {"selection_ratio": 0.1}, FULL_GRID),
     Method("TokenTune 0.5", {"selection_ratio": 0.5}, FULL_GRID),
+    # Dense top layers (MiniLM has 6): every token trains in the last L layers, the loss covers every token.
+    Method("TokenTune 0.3, dense 1", {"selection_ratio": 0.3, "dense_top_layers": 1}, FULL_GRID),
+    Method("TokenTune 0.3, dense 2", {"selection_ratio": 0.3, "dense_top_layers": 2}, FULL_GRID),
+    Method("LoRA + TokenTune 0.3, dense 1", {"lora": True, "selection_ratio": 0.3, "dense_top_layers": 1}, LORA_GRID),
+    Method("TokenTune 0.1, dense 1", {"selection_ratio": 0.1, "dense_top_layers": 1}, FULL_GRID),
+    Method("TokenTune 0.1, dense 2", {"selection_ratio": 0.1, "dense_top_layers": 2}, FULL_GRID),
+    Method(
+        "TokenTune 0.3, gradient checkpointing",
+        {"selection_ratio": 0.3, "gradient_checkpointing": True},
+        learning_rate_of="TokenTune 0.3",
+    ),
 )
 SFT_METHODS = (
     Method("LoRA", {"tokentune": False}, SFT_GRID),

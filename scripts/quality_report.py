@@ -54,6 +54,12 @@ VIEWS = {
             "TokenTune 0.5": "full fine-tuning",
             "full fine-tuning, gradient checkpointing": "full fine-tuning",
             "LoRA + TokenTune 0.3": "LoRA",
+            "TokenTune 0.3, dense 1": "full fine-tuning",
+            "TokenTune 0.3, dense 2": "full fine-tuning",
+            "LoRA + TokenTune 0.3, dense 1": "LoRA",
+            "TokenTune 0.1, dense 1": "full fine-tuning",
+            "TokenTune 0.1, dense 2": "full fine-tuning",
+            "TokenTune 0.3, gradient checkpointing": "full fine-tuning",
         },
     ),
     "sft": PartView(

@@ -209,7 +209,7 @@ def check_against_naive(model, batch, selected, task, loss_tolerance=(1e-5, 1e-6
     naive = copy.deepcopy(model).get_base_model()
     output = model(**batch, selected_positions=selected)
     output.loss.backward()
-    expected = naive_tokentune_loss(naive, batch, selected, task)
+    expected = naive_tokentune_loss(naive, batch, selected, task, model.base_model.tokentune_config.dense_top_layers)
     expected.backward()
     rtol, atol = loss_tolerance
     torch.testing.assert_close(output.loss, expected, rtol=rtol, atol=atol)

@@ -6,6 +6,8 @@ It runs the stock model on the full sequence, with:
    function that wraps transformers' own sdpa), under the model's own masks;
 3. the loss taken on positions in S only; for mixture-of-experts models that return router logits,
    plus ``router_aux_loss_coef`` x the router's load-balancing loss over the tokens in S.
+With ``dense_top_layers=L``, (1) applies to the layers below the top L and to the first of the top L,
+(2) to the layers below the top L only, and the loss is the model's own over every position.
 It shares no code with tokentune_peft.
 """
 
@@ -27,6 +29,8 @@ def _detach_outside(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _naive_attention(module, query, key, value, attention_mask, **kwargs):
+    if module in _current_selection["dense_modules"]:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
     keep = _current_selection["mask"][:, None, :, None]  # [B, 1, N, 1] over [B, heads, N, D]
     key, value = _detach_outside(key, keep), _detach_outside(value, keep)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
@@ -51,24 +55,27 @@ def selection_mask(selected_positions: torch.Tensor, seq_len: int) -> torch.Tens
     return mask
 
 
-def naive_tokentune_loss(model: nn.Module, batch: dict, selected_positions: torch.Tensor, task: str):
+def naive_tokentune_loss(
+    model: nn.Module, batch: dict, selected_positions: torch.Tensor, task: str, dense_top_layers: int = 0
+):
     """Loss of the naive definition; ``model`` is a transformers model (with or without LoRA layers)."""
     _register_naive_attention()
     seq_len = batch["input_ids"].shape[1]
     in_s = selection_mask(selected_positions, seq_len)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    below = len(layers) - dense_top_layers
     _current_selection["mask"] = in_s
+    _current_selection["dense_modules"] = {m for layer in layers[below:] for m in layer.modules()}
     previous = model.config._attn_implementation
     model.config._attn_implementation = "naive_tokentune"
     hooks = [
-        m.register_forward_pre_hook(_detach_layer_input, with_kwargs=True)
-        for m in model.modules()
-        if isinstance(m, GradientCheckpointingLayer)
+        layer.register_forward_pre_hook(_detach_layer_input, with_kwargs=True) for layer in layers[: below + 1]
     ]
     try:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if task == "CAUSAL_LM":
             inputs["use_cache"] = False  # with a cache, transformers would let packed documents attend to each other
-        if task == "SEQ_CLS":
+        if task == "SEQ_CLS" or dense_top_layers:
             return model(**inputs, labels=batch["labels"]).loss
         outputs = model(**inputs)
     finally:

@@ -71,3 +71,16 @@ def test_two_steps_of_every_recipe_on_a_tiny_slice(path, tmp_path):
         base = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
         assert base == HUB_NAMES[results["recipe"]["model_name"]]
         assert f"base_model: {base}" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
+def test_a_recipe_trains_with_dense_top_layers(tmp_path):
+    from tokentune_peft.cli.train import main
+
+    path = os.path.join(CONFIG_DIR, "tiny_bert_rotten_tomatoes.yaml")
+    main(["--config", path, "--output_dir", str(tmp_path), "--dense_top_layers", "1", "--max_steps", "2"])
+
+    saved = json.loads((tmp_path / "tokentune_config.json").read_text())
+    assert saved["dense_top_layers"] == 1
+    memory = json.loads((tmp_path / "results.json").read_text())["activation_memory"]
+    assert 0 < memory["step_mib"] < memory["full_fine_tuning_mib"]

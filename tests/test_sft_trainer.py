@@ -46,20 +46,20 @@ def sft_config(output_dir, variant: str, **overrides) -> SFTConfig:
     return SFTConfig(str(output_dir), **{**settings, **SETTINGS[variant], **overrides})
 
 
-def peft_config(ratio: float | None, lora: bool):
+def peft_config(ratio: float | None, lora: bool, dense: int = 0):
     adapter = LoraConfig(r=4, target_modules="all-linear") if lora else None
     if ratio is None:
         return adapter
-    return TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=ratio, peft_config=adapter)
+    return TokenTuneConfig(task_type="CAUSAL_LM", selection_ratio=ratio, peft_config=adapter, dense_top_layers=dense)
 
 
-def sft_trainer(trainer_class, output_dir, variant: str, ratio: float | None, lora: bool, **overrides):
+def sft_trainer(trainer_class, output_dir, variant: str, ratio: float | None, lora: bool, dense: int = 0, **overrides):
     return trainer_class(
         model=build_model("llama", "CAUSAL_LM"),
         args=sft_config(output_dir, variant, **overrides),
         train_dataset=Dataset.from_list(VARIANTS[variant]),
         processing_class=char_tokenizer(),
-        peft_config=peft_config(ratio, lora),
+        peft_config=peft_config(ratio, lora, dense),
     )
 
 
@@ -107,3 +107,26 @@ def test_below_ratio_one_the_first_loss_is_the_mean_over_the_selected_supervised
     expected = naive_tokentune_loss(build_model("llama", "CAUSAL_LM"), inputs, selected, "CAUSAL_LM")
     assert logged(trainer) == pytest.approx([expected.item()], rel=1e-5)
     assert 0.3 <= logged(trainer, "selection_ratio")[0] < 0.5
+
+
+@pytest.mark.parametrize("trainer_class", [SFTTrainer, TokenTuneSFTTrainer])
+@pytest.mark.parametrize("variant", ["text", "completion_only", "packing", "padding_free"])
+def test_with_dense_top_layers_at_ratio_one_it_logs_the_stock_losses(tmp_path, variant, trainer_class):
+    """The loss covers every supervised token, so a plain SFTTrainer counts it right."""
+    ours = sft_trainer(trainer_class, tmp_path / "a", variant, ratio=1.0, lora=True, dense=1)
+    ours.train()
+    stock = sft_trainer(SFTTrainer, tmp_path / "b", variant, ratio=None, lora=True)
+    stock.train()
+    assert len(logged(ours)) == 3
+    assert logged(ours) == pytest.approx(logged(stock), rel=1e-5)
+    assert logged(ours, "mean_token_accuracy") == pytest.approx(logged(stock, "mean_token_accuracy"), abs=1e-6)
+
+
+@pytest.mark.parametrize("trainer_class", [SFTTrainer, TokenTuneSFTTrainer])
+def test_with_dense_top_layers_below_ratio_one_the_first_loss_is_the_stock_one(tmp_path, trainer_class):
+    ours = sft_trainer(trainer_class, tmp_path / "a", "completion_only", ratio=0.3, lora=True, dense=1)
+    ours.train()
+    stock = sft_trainer(SFTTrainer, tmp_path / "b", "completion_only", ratio=None, lora=True)
+    stock.train()
+    assert logged(ours)[0] == pytest.approx(logged(stock)[0], rel=1e-5)
+    assert logged(ours)[1:] != pytest.approx(logged(stock)[1:], rel=1e-5)  # only the gradient differs

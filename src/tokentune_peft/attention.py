@@ -30,6 +30,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .dense_top import DenseTop
+
 #: Stock attention implementations TokenTune can sit on top of.
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 _PREFIX = "tokentune_"
@@ -120,11 +122,13 @@ class TokenTuneStep:
     Args:
         seq_len: length N of the full sequences.
         observer: optional :class:`PassOneObserver` called on every pass-1 attention.
+        dense: the step's dense top layers (:mod:`tokentune_peft.dense_top`), if any.
     """
 
-    def __init__(self, seq_len: int, observer: PassOneObserver | None = None) -> None:
+    def __init__(self, seq_len: int, observer: PassOneObserver | None = None, dense: DenseTop | None = None) -> None:
         self.seq_len = seq_len
         self.observer = observer
+        self.dense = dense
         self.recording = True
         self.keys: dict[nn.Module, torch.Tensor] = {}
         self.values: dict[nn.Module, torch.Tensor] = {}
@@ -146,6 +150,14 @@ class TokenTuneStep:
         self.masks[module] = (mask, is_causal)
         if self.observer is not None:
             self.observer.observe(query, key, value, mask, is_causal, scaling)
+
+    def runs_stock(self, module: nn.Module) -> bool:
+        """Whether ``module``'s attention is the stock one in this step (it sits in a dense top layer)."""
+        return self.dense is not None and self.dense.runs_stock(module)
+
+    def dense_layer_inputs(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """What a transformer layer runs on in this step (None: its own arguments); see :mod:`~.dense_top`."""
+        return self.dense.layer_inputs(self, layer, args, kwargs)
 
     def select(self, selected_positions: torch.Tensor) -> None:
         """End pass 1: pass 2 runs the tokens at ``selected_positions`` ([batch, k], -1 padded)."""
@@ -208,7 +220,7 @@ def _sdpa_over_all_keys(module, query, key, value, attention_mask, dropout=0.0, 
 def _tokentune_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, tokentune_step: TokenTuneStep | None = None, **kwargs):
         stock = _stock_attention(base, module)
-        if tokentune_step is None:
+        if tokentune_step is None or tokentune_step.runs_stock(module):
             return stock(module, query, key, value, attention_mask, **kwargs)
         over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
         step_attention = getattr(tokentune_step, "attention", None)  # the single-pass step's own routing

@@ -65,6 +65,9 @@ class TokenTuneConfig(PeftConfig):
             Defaults to 0.2 for those two; not used by the others.
         engine (`str`): how a step runs: "auto" (one pass where it can run, two passes otherwise),
             "single-pass" (an error where it cannot run) or "two-pass"; see :mod:`tokentune_peft.single_pass`.
+        dense_top_layers (`int`): how many of the last transformer layers run every token with autograd
+            (0, the default, is plain TokenTune). The layers below stay token-selective; the loss covers
+            every supervised token, as the stock model's; see :mod:`tokentune_peft.dense_top`.
 
     Example:
         >>> from peft import LoraConfig
@@ -129,6 +132,15 @@ class TokenTuneConfig(PeftConfig):
         },
     )
 
+    dense_top_layers: int = field(
+        default=0,
+        metadata={
+            "help": "Number of last transformer layers that run every token with autograd, between 0 and the "
+            "model's layer count. The layers below stay token-selective at `selection_ratio`; the loss covers every "
+            "supervised token. More layers keep more activations (full fine-tuning's, in those layers)."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
@@ -140,6 +152,9 @@ class TokenTuneConfig(PeftConfig):
         self._check_selection()
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"`engine` must be one of {ENGINE_CHOICES}; got {self.engine!r}.")
+        count = self.dense_top_layers
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"`dense_top_layers` must be an integer >= 0; got {count!r}.")
         if isinstance(self.peft_config, dict):
             self.peft_config = LoraConfig(**self.peft_config)
         if self.peft_config is not None:

@@ -37,6 +37,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .attention import TokenTuneStep
+from .dense_top import PASS_ONE, RUN, DenseTop, StopForward, record_lower_layer_inputs
 from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX, selected_targets
 from .selection.sampling import PAD_POSITION, validate_selected_positions
@@ -138,6 +139,9 @@ class TokenTuneEngine:
             :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin` hands in its own, seeded from
             ``seed`` + its process index and saved in checkpoints).
         engine: "auto" (the single pass where it can run, else two passes), "single-pass" or "two-pass".
+        dense_top_layers: how many of the last ``layers`` run every token with autograd
+            (:mod:`tokentune_peft.dense_top`); 0 for plain TokenTune.
+        layers: the model's transformer layers (:func:`~tokentune_peft.dense_top.transformer_layers`).
 
     After a step, ``engine_used`` says which step ran ("single-pass" or "two-pass") and
     ``engine_reason`` why not the single pass (None when it ran).
@@ -146,6 +150,8 @@ class TokenTuneEngine:
     selector: TokenSelector
     seed: int = 0
     engine: str = "auto"
+    dense_top_layers: int = 0
+    layers: list[nn.Module] = field(default_factory=list, repr=False)
     engine_used: str | None = field(default=None, init=False)
     engine_reason: str | None = field(default=None, init=False)
     _single_pass_failure: str | None = field(default=None, init=False, repr=False)
@@ -226,7 +232,7 @@ class TokenTuneEngine:
         self._check_inputs(input_ids, attention_mask, labels, kwargs)
         kwargs.pop("use_cache", None)
         drop_varlen_boundaries(kwargs, position_ids)
-        if selected_positions is None:  # drawn here: the caller's loss count cannot be over them
+        if selected_positions is None and not self.dense_top_layers:  # drawn here: the count cannot be over them
             self._check_loss_count(trainer_generator is not None, kwargs)
         generator = self.generator if trainer_generator is None else trainer_generator
         prepared = self.prepare(model, input_ids, attention_mask, labels, selected_positions, generator)
@@ -237,8 +243,46 @@ class TokenTuneEngine:
             step, selected_positions = self._pass_one(
                 model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
             )
-        drawn_in_forward = prepared.selected_positions is None
-        targets = self._targets(labels, selected_positions) if drawn_in_forward else prepared.targets
+        selected_inputs = self._selected_inputs(model, input_ids, positions, token_type_ids, selected_positions)
+        supervised = True
+        if self.dense_top_layers:  # the stock call on the whole batch; the layers below the top take the selected rows
+            grad_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+            grad_inputs["use_cache"] = False
+            for name, value in (("token_type_ids", token_type_ids), ("labels", labels)):
+                if value is not None:
+                    grad_inputs[name] = value
+        else:
+            drawn_in_forward = prepared.selected_positions is None
+            targets = self._targets(labels, selected_positions) if drawn_in_forward else prepared.targets
+            grad_inputs, supervised = self._with_targets(selected_inputs, targets, kwargs)
+        output = None
+        if single_pass:  # None if the single pass gave up on this model
+            backbone_inputs = (input_ids, attention_mask, token_type_ids, positions)
+            output = self._single_pass(
+                model, backbone_inputs, selected_positions, {**grad_inputs, **kwargs}, selected_inputs
+            )
+        if output is None:
+            if step is None:
+                step, _ = self._pass_one(
+                    model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
+                )
+            step.select(selected_positions)
+            if step.dense is not None:
+                record_lower_layer_inputs(model.base_model, step.dense, selected_inputs, step)
+                step.dense.phase = RUN
+            output = model(**grad_inputs, **kwargs, tokentune_step=step)
+        if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
+            output["loss"] = output["logits"].sum() * 0.0
+        return with_selected_positions(output, selected_positions)
+
+    def _targets(self, labels: torch.Tensor | None, selected_positions: torch.Tensor | None) -> torch.Tensor | None:
+        if labels is None or (selected_positions is None and self.task_type != TaskType.SEQ_CLS):
+            return None
+        return selected_targets(self.task_type, labels, selected_positions)
+
+    @staticmethod
+    def _selected_inputs(model, input_ids, positions, token_type_ids, selected_positions) -> dict:
+        """The inputs of a call of ``model`` on the selected tokens: their ids, original positions and types."""
         valid = selected_positions != PAD_POSITION
         slots = selected_positions.clamp(min=0)
         batch, seq_len = input_ids.shape
@@ -256,7 +300,11 @@ class TokenTuneEngine:
         }
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids.expand(batch, seq_len).gather(1, slots)
-        supervised = True
+        return inputs
+
+    def _with_targets(self, selected_inputs: dict, targets: torch.Tensor | None, kwargs: dict) -> tuple[dict, bool]:
+        """The selected tokens' inputs with their targets, and whether any target is supervised."""
+        inputs, supervised = dict(selected_inputs), True
         if targets is not None:
             inputs["labels"] = targets
             if self.task_type == TaskType.CAUSAL_LM:
@@ -265,25 +313,7 @@ class TokenTuneEngine:
                 supervised = bool((targets != IGNORE_INDEX).any())
                 if not supervised and kwargs.get("num_items_in_batch") is None:
                     kwargs["num_items_in_batch"] = 1  # a sum over no terms: zero loss, not 0 / 0
-        output = None
-        if single_pass:  # None if the single pass gave up on this model
-            backbone_inputs = (input_ids, attention_mask, token_type_ids, positions)
-            output = self._single_pass(model, backbone_inputs, selected_positions, {**inputs, **kwargs})
-        if output is None:
-            if step is None:
-                step, _ = self._pass_one(
-                    model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
-                )
-            step.select(selected_positions)
-            output = model(**inputs, **kwargs, tokentune_step=step)
-        if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
-            output["loss"] = output["logits"].sum() * 0.0
-        return with_selected_positions(output, selected_positions)
-
-    def _targets(self, labels: torch.Tensor | None, selected_positions: torch.Tensor | None) -> torch.Tensor | None:
-        if labels is None or (selected_positions is None and self.task_type != TaskType.SEQ_CLS):
-            return None
-        return selected_targets(self.task_type, labels, selected_positions)
+        return inputs, supervised
 
     def _check_inputs(self, input_ids, attention_mask, labels, kwargs: dict) -> None:
         if input_ids is None:
@@ -291,6 +321,11 @@ class TokenTuneEngine:
         for name in ("past_key_values", "encoder_hidden_states", "shift_labels"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"A TokenTune training step does not take `{name}`. {UNSUPPORTED_INPUTS[name]}")
+        if self.dense_top_layers and kwargs.get("output_router_logits"):
+            raise ValueError(
+                "`output_router_logits=True` cannot be combined with `dense_top_layers`: the router's load-balancing "
+                "loss would mix the selected tokens of the layers below with every token of the top layers."
+            )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; "
@@ -340,14 +375,18 @@ class TokenTuneEngine:
             logger.info("TokenTune runs the %s step%s.", engine, why)
         self.engine_used, self.engine_reason = engine, reason
 
-    def _single_pass(self, model, backbone_inputs: tuple, selected_positions, grad_inputs: dict):
+    def _dense_top(self, seq_len: int) -> DenseTop | None:
+        return DenseTop(self.layers, self.dense_top_layers, seq_len) if self.dense_top_layers else None
+
+    def _single_pass(self, model, backbone_inputs: tuple, selected_positions, grad_inputs: dict, selected_inputs):
         """The grad group's output of a single-pass step, or None if the model cannot run one."""
         input_ids, attention_mask, token_type_ids, positions = backbone_inputs
         full = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
         if token_type_ids is not None:
             full["token_type_ids"] = token_type_ids
+        step = SinglePassStep(input_ids.shape[1], selected_positions, dense=self._dense_top(input_ids.shape[1]))
         try:
-            return SinglePassStep(input_ids.shape[1], selected_positions).run(model, full, grad_inputs)
+            return step.run(model, full, grad_inputs, selected_inputs)
         except SinglePassUnsupported as error:
             if self.engine == SINGLE_PASS:
                 raise
@@ -366,18 +405,23 @@ class TokenTuneEngine:
         observer = None
         if prepared.selected_positions is None:
             observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
-        step = TokenTuneStep(input_ids.shape[1], observer=observer)
+        step = TokenTuneStep(input_ids.shape[1], observer=observer, dense=self._dense_top(input_ids.shape[1]))
+        if step.dense is not None:  # pass 1 keeps the first dense layer's input and stops there
+            step.dense.phase = PASS_ONE
         with torch.no_grad():
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            model.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                use_cache=False,
-                tokentune_step=step,
-                **base_inputs,
-            )
-        if step.num_recorded == 0:
+            try:
+                model.base_model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=positions,
+                    use_cache=False,
+                    tokentune_step=step,
+                    **base_inputs,
+                )
+            except StopForward:
+                pass
+        if step.num_recorded == 0 and (step.dense is None or step.dense.lower):
             raise RuntimeError(
                 "No attention call reached TokenTune's attention function: the model's attention does not go "
                 "through transformers' attention registry, or its attention implementation was changed after "

@@ -46,6 +46,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import TokenTuneStep, _sdpa_over_all_keys, allowed_keys, mask_hook
+from .dense_top import RUN, DenseTop, StopForward, hidden_of, record_lower_layer_inputs
 from .selection.sampling import PAD_POSITION
 
 SINGLE_PASS = "single-pass"
@@ -193,6 +194,12 @@ class _Rows:
         self.flat_positions = self.positions[self.rows, self.slots]
         self.row_masks: dict[tuple, tuple[torch.Tensor | None, list]] = {}
 
+    def spread_rows(self, part: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``part`` ([B, width, ...]) written at its positions of a [B, N, ...] tensor of zeros."""
+        full = part.new_zeros(part.shape[0], seq_len, *part.shape[2:])
+        full.index_put_((self.rows, self.flat_positions), part[self.rows, self.slots])
+        return full
+
     def spread(self, part: torch.Tensor, seq_len: int) -> torch.Tensor:
         """``part`` ([B, H, width, D]) written at its positions of a [B, H, N, D] tensor of zeros."""
         batch, heads, _, dim = part.shape
@@ -200,15 +207,18 @@ class _Rows:
         full.transpose(1, 2).index_put_((self.rows, self.flat_positions), part.transpose(1, 2)[self.rows, self.slots])
         return full
 
-    def row_mask(self, mask: torch.Tensor | None, is_causal: bool, seq_len: int, dtype: torch.dtype):
-        """These rows of a full-sequence mask (one additive float mask shared by all layers), and their blocks."""
+    def row_mask(self, mask: torch.Tensor | None, is_causal: bool, seq_len: int, dtype: torch.dtype, sdpa: bool):
+        """These rows of a full-sequence mask (one additive float mask shared by all layers), and their blocks.
+
+        A row that may see no key (a padding query) gets what the stock attention gives it: zeros from sdpa
+        (its masked keys at -inf), an even average from eager attention (at the dtype's minimum)."""
         key = (id(mask), is_causal, dtype)
         if key not in self.row_masks:
             allowed = allowed_keys(mask, is_causal, self.positions, self.valid, seq_len)
             blocks = None
             if allowed is not None:
                 additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-                additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+                additive.masked_fill_(~allowed, float("-inf") if sdpa else torch.finfo(dtype).min)
                 blocks = _mask_blocks(additive, allowed & self.valid[:, None, :, None], seq_len)
                 allowed = additive
             self.row_masks[key] = allowed, blocks
@@ -223,13 +233,18 @@ class SinglePassStep(TokenTuneStep):
     into them and attends with :meth:`~tokentune_peft.attention.TokenTuneStep.attend`, exactly as pass 2
     of the two-pass step does; the no-grad group's queries attend to the completed, detached tensors.
 
+    With dense top layers (``dense``), the grad group's call is the model's call on the whole batch, its
+    layers below the top running the selected rows (:mod:`tokentune_peft.dense_top`), and the no-grad group
+    stops at the first dense layer, handing over its rows of that layer's input.
+
     Args:
         seq_len: length N of the full sequences.
         selected_positions: [batch, k] positions of the grad group, -1 padded.
+        dense: the step's dense top layers, if any.
     """
 
-    def __init__(self, seq_len: int, selected_positions: torch.Tensor) -> None:
-        super().__init__(seq_len)
+    def __init__(self, seq_len: int, selected_positions: torch.Tensor, dense: DenseTop | None = None) -> None:
+        super().__init__(seq_len, dense=dense)
         self.select(selected_positions)
         self.rest = _Rows(complement_positions(selected_positions, seq_len))
         self.built_masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
@@ -272,6 +287,17 @@ class SinglePassStep(TokenTuneStep):
 
         return mask_hook(hook)
 
+    # Dense top layers ------------------------------------------------------------------------------
+
+    def dense_layer_inputs(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The no-grad group hands its rows of the first dense layer's input over and stops there."""
+        if threading.current_thread() is not self._no_grad_thread:
+            return super().dense_layer_inputs(layer, args, kwargs)
+        if layer is self.dense.first_dense:
+            self.dense.base = self.rest.spread_rows(hidden_of(args, kwargs), self.seq_len)
+            raise StopForward
+        return None
+
     # Attention ---------------------------------------------------------------------------------------
 
     def attention(self, module, query, key, value, mask, over_all_keys: Callable, kwargs: dict):
@@ -311,7 +337,8 @@ class SinglePassStep(TokenTuneStep):
         spread = partial(self.rest.spread, seq_len=self.seq_len)
         is_causal = self._record_rows(module, query, key, value, mask, kwargs, spread)
         self._hand_over(GRAD, NO_GRAD)  # the grad group writes its rows into the recorded keys and values
-        row_mask, blocks = self.rest.row_mask(mask, is_causal, self.seq_len, query.dtype)
+        sdpa = over_all_keys is _sdpa_over_all_keys
+        row_mask, blocks = self.rest.row_mask(mask, is_causal, self.seq_len, query.dtype, sdpa)
         attend = _in_blocks(over_all_keys, lambda _: blocks)
         keys, values = self.keys[module].detach(), self.values[module].detach()
         return attend(module, query, keys, values, row_mask, **{**kwargs, "is_causal": False})
@@ -344,7 +371,7 @@ class SinglePassStep(TokenTuneStep):
         try:
             with torch.no_grad(), torch.autocast(**autocast), self.replay_masks():
                 backbone(**inputs, use_cache=False, tokentune_step=self)
-        except _Aborted:
+        except (_Aborted, StopForward):
             pass
         except BaseException as error:  # handed to the grad group, which raises it
             self._error = error
@@ -360,11 +387,14 @@ class SinglePassStep(TokenTuneStep):
             self._turn = NO_GRAD
             self._condition.notify_all()
 
-    def run(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict) -> Any:
+    def run(
+        self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict, selected_inputs: dict | None = None
+    ) -> Any:
         """Probe the masks, then run both groups; returns the grad group's output (``model(**grad_inputs)``).
 
         ``backbone_inputs`` hold the whole batch's ``input_ids``, ``attention_mask`` (None included),
-        ``position_ids`` and, if any, ``token_type_ids``.
+        ``position_ids`` and, if any, ``token_type_ids``. With dense top layers, ``grad_inputs`` are the
+        whole batch's too, and ``selected_inputs`` the selected tokens' (for the selected probe).
         """
         backbone = model.base_model
         # The probe stops where the first layer starts (or, in a model without such layers, at its first
@@ -382,13 +412,17 @@ class SinglePassStep(TokenTuneStep):
             if stop is not None:
                 stop.remove()
         self.probing = False
+        if self.dense is not None:
+            with self.replay_masks():  # the masks the grad group's attention receives, as without dense layers
+                record_lower_layer_inputs(backbone, self.dense, selected_inputs, self)
+            self.dense.phase = RUN
         if self.rest.positions.shape[1] == 0:  # every token is selected: the grad group runs alone
             self._turn, self._no_grad_done = GRAD, True
             with self.replay_masks():
                 output = model(**grad_inputs, tokentune_step=self)
         else:
             output = self._run_both(model, backbone_inputs, grad_inputs)
-        if not self.keys:
+        if not self.keys and (self.dense is None or self.dense.lower):
             raise self._no_attention_error()
         self.finished = True
         return output

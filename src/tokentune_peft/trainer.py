@@ -73,8 +73,9 @@ class TokenTuneTrainerMixin:
     batch it samples the positions by the config's ``selection`` strategy (always including the token the
     task head reads; a batch that brings ``selected_positions`` keeps them) with its own generator, seeded
     from ``TokenTuneConfig.seed`` plus the process index and saved in checkpoints, so runs and resumed runs are
-    reproducible. ``num_items_in_batch`` counts the selected supervised tokens, which keeps gradient
-    accumulation and several processes exact; label smoothing applies to the selected targets. Logs add
+    reproducible. ``num_items_in_batch`` counts the selected supervised tokens (every supervised token with
+    ``dense_top_layers``, whose loss covers them all), which keeps gradient accumulation and several
+    processes exact; label smoothing applies to the selected targets. Logs add
     the selection ratio in force and the activation memory of one step against full fine-tuning.
 
     The model may be wrapped before the trainer is built, or by the trainer itself (TRL's
@@ -88,13 +89,15 @@ class TokenTuneTrainerMixin:
             tokentune_engine_of(model)  # fail before the Trainer sets itself up
         super().__init__(*args, **kwargs)
         self.tokentune_engine = tokentune_engine_of(self.model)
-        if self.compute_loss_func is not None:
+        # With dense top layers the outputs and the loss cover every position, as the stock model's.
+        covers_selected_slots = not self.tokentune_engine.dense_top_layers
+        if self.compute_loss_func is not None and covers_selected_slots:
             raise ValueError(
                 "`compute_loss_func` receives the whole sequence's labels, while a TokenTune step's outputs cover "
                 "its selected slots only. Put a custom loss in the model's `loss_function` instead (it receives "
                 "the selected targets as `shift_labels`)."
             )
-        if self.label_smoother is not None:
+        if self.label_smoother is not None and covers_selected_slots:
             self.label_smoother = SelectedTargetsLabelSmoother(
                 epsilon=self.label_smoother.epsilon, task_type=self.tokentune_engine.task_type
             )
@@ -109,7 +112,8 @@ class TokenTuneTrainerMixin:
 
         Positions that a strategy draws inside the forward ("importance") are unknown here, so for
         token-level tasks the loss is then each batch's mean over its selected supervised tokens
-        (exact with one batch per step and one process).
+        (exact with one batch per step and one process). With dense top layers the loss covers every
+        supervised token, and the count is the Trainer's own.
         """
         batches = []
         for _ in range(num_batches):
@@ -133,6 +137,8 @@ class TokenTuneTrainerMixin:
             self._real_tokens += prepared.num_real
             if prepared.targets is not None:
                 counted.append({"labels": batch["labels"], "shift_labels": prepared.targets})
+        if self.tokentune_engine.dense_top_layers:
+            return batches, self._get_num_items_in_batch(batches, device)
         num_items = self._get_num_items_in_batch(counted, device) if len(counted) == len(batches) else None
         return batches, num_items
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .attention import base_implementation_name, tokentune_implementation_name
 from .config import TokenTuneConfig
+from .dense_top import check_dense_top_layers, install_layer_hooks
 from .engine import TokenTuneEngine
 from .model_support import check_head_supported, check_model_supported, is_decoder
 from .quantization import check_4bit_layers_trainable, keep_4bit_layers_trainable
@@ -37,9 +38,16 @@ class _TokenTuneStepMixin:
         implementation = model.config._attn_implementation
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
+        layers = check_dense_top_layers(model, config.dense_top_layers)
+        if config.dense_top_layers:
+            install_layer_hooks(layers)
         self.tokentune_config = config
         self.tokentune_engine = TokenTuneEngine(
-            build_selector(config, is_decoder(model)), seed=config.seed, engine=config.engine
+            build_selector(config, is_decoder(model)),
+            seed=config.seed,
+            engine=config.engine,
+            dense_top_layers=config.dense_top_layers,
+            layers=layers,
         )
 
     def forward(self, *args: Any, **kwargs: Any):

@@ -50,6 +50,9 @@ class RecipeArguments:
     uniform_share: float | None = field(
         default=None, metadata={"help": "TokenTune: uniform share of 'supervised' / 'importance' (default 0.2)."}
     )
+    dense_top_layers: int = field(
+        default=0, metadata={"help": "TokenTune: last layers that run every token with autograd (0: none)."}
+    )
     lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
@@ -156,7 +159,15 @@ LORA_FIELDS = {
     "task_type": "task_type",
 }
 #: TokenTuneConfig's fields a recipe sets, under the same names.
-TOKENTUNE_FIELDS = ("selection_ratio", "num_selected", "always_select", "selection", "uniform_share", "task_type")
+TOKENTUNE_FIELDS = (
+    "selection_ratio",
+    "num_selected",
+    "always_select",
+    "selection",
+    "uniform_share",
+    "dense_top_layers",
+    "task_type",
+)
 
 
 def lora_config(recipe: RecipeArguments) -> LoraConfig | None:

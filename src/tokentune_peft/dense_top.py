@@ -1,0 +1,219 @@
+"""Dense top layers (``TokenTuneConfig(dense_top_layers=L)``): every token trains in the last L layers.
+
+The gradient, by definition: the full-sequence forward in which, in every layer below the top L, the
+unselected rows of the layer's input and the unselected keys and values are detached (TokenTune's own
+definition); the input of the first dense layer has its unselected rows detached; nothing is detached
+above it; and the loss is the model's own loss over every position.
+
+How a step runs it, with either engine. The call that carries gradient (pass 2, or the single pass's
+grad group) is the model's stock call on the **whole** batch, with the caller's labels, so embeddings,
+masks, position embeddings, the top layers, the head and the loss are the model's own. Forward
+pre-hooks on the transformer layers (installed once, by :func:`install_layer_hooks`, and inert without
+a step) change only what the layers below the top see:
+
+* the first layer takes the selected rows of its input; each layer below the top gets the arguments
+  it would get in a call on the selected tokens alone (rotary tables at their positions, ...), recorded
+  by a short **selected probe** that runs the model on the selected tokens with every layer skipped
+  (:func:`record_lower_layer_inputs`); so these layers run exactly as pass 2 of a plain TokenTune step;
+* the first dense layer takes every row again: the selected rows from below, with gradient, and the
+  others from the no-grad computation of the same layer input (pass 1 stops there, and so does the
+  single pass's no-grad group).
+
+Self-attention inside the top layers runs the stock attention function (:meth:`DenseTop.runs_stock`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+#: Phases of a step, as the layer hooks see them.
+IDLE, PASS_ONE, RUN = "idle", "pass-one", "run"
+
+
+class StopForward(Exception):
+    """Raised inside a layer hook to end a forward whose remaining layers are not needed."""
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer layers, in order: its outermost ``GradientCheckpointingLayer`` modules.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> len(transformer_layers(model))
+        3
+    """
+    layers: list[nn.Module] = []
+    inside: set[nn.Module] = set()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module not in inside:
+            layers.append(module)
+            inside.update(module.modules())
+    return layers
+
+
+def check_dense_top_layers(model: nn.Module, count: int) -> list[nn.Module]:
+    """The model's transformer layers, after checking that ``count`` dense top layers fit in them.
+
+    Raises ValueError naming ``dense_top_layers`` and the model's layer count, and refuses what the
+    mode cannot make exact: a router load-balancing loss (``output_router_logits``), whose terms would
+    mix the selected tokens of the layers below with every token of the layers above.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> check_dense_top_layers(model, 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `dense_top_layers` must be between 0 and the model's number of transformer layers (2); got 3.
+    """
+    layers = transformer_layers(model)
+    if count == 0:
+        return layers
+    if count > len(layers):
+        raise ValueError(
+            f"`dense_top_layers` must be between 0 and the model's number of transformer layers ({len(layers)}); "
+            f"got {count}."
+        )
+    if getattr(model.config, "output_router_logits", False):
+        raise ValueError(
+            f"`dense_top_layers` cannot be combined with a router load-balancing loss ({type(model).__name__}: "
+            "config.output_router_logits=True): its terms would mix the selected tokens of the layers below with "
+            "every token of the top layers. Set output_router_logits=False, or dense_top_layers=0."
+        )
+    return layers
+
+
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a layer call receives (first positional argument, or ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A layer call's ``(args, kwargs)`` with ``hidden`` in place of its hidden states."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class DenseTop:
+    """The dense-top part of one TokenTune step, held by the step as ``step.dense``.
+
+    Args:
+        layers: the model's transformer layers (:func:`transformer_layers`).
+        count: how many of the last ones are dense (>= 1).
+        seq_len: length N of the full sequences.
+    """
+
+    def __init__(self, layers: list[nn.Module], count: int, seq_len: int) -> None:
+        self.lower = layers[: len(layers) - count]
+        self.first_dense = layers[len(layers) - count]
+        self.top_modules = {module for layer in layers[len(layers) - count :] for module in layer.modules()}
+        self.seq_len = seq_len
+        self.phase = IDLE
+        #: Each layer below the top: its ``(args, kwargs)`` in a call on the selected tokens.
+        self.lower_inputs: dict[nn.Module, tuple[tuple, dict]] = {}
+        #: The first dense layer's input, every row, without gradient (None when every row is selected).
+        self.base: torch.Tensor | None = None
+
+    def runs_stock(self, module: nn.Module) -> bool:
+        """Whether ``module`` (an attention module) is in a top layer, where attention is the stock one."""
+        return module in self.top_modules
+
+    def layer_inputs(self, step: Any, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """What ``layer`` runs on instead of ``(args, kwargs)`` (None: unchanged), by the step's phase.
+
+        In pass 1 the first dense layer's input is kept as :attr:`base` and the forward stops there. In the
+        call that carries gradient the layers below the top run the selected rows as in a call on the
+        selected tokens, and the first dense layer every row. ``step`` gives the selected positions
+        (``batch_index``, ``slot_index``, ``positions``).
+        """
+        if self.phase == PASS_ONE:
+            if layer is self.first_dense:
+                self.base = hidden_of(args, kwargs)
+                raise StopForward
+            return None
+        if self.phase != RUN:
+            return None
+        hidden = hidden_of(args, kwargs)
+        if layer is (self.lower[0] if self.lower else self.first_dense):  # the whole batch's embeddings
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], step.positions]
+        if layer in self.lower_inputs:
+            selected_args, selected_kwargs = self.lower_inputs[layer]
+            return with_hidden(selected_args, selected_kwargs, hidden)
+        if layer is self.first_dense:
+            return with_hidden(args, kwargs, self._every_row(step, hidden))
+        return None
+
+    def _every_row(self, step: Any, selected: torch.Tensor) -> torch.Tensor:
+        """[B, N, H]: the selected rows (with gradient) written over :attr:`base`. Indexing by (row, position)
+        makes autograd keep only the indices."""
+        rows, slots = step.batch_index, step.slot_index
+        base = self.base
+        if base is None:
+            if rows.numel() != selected.shape[0] * self.seq_len:
+                raise RuntimeError("TokenTune's dense top layers got no input for the unselected rows.")
+            base = selected.new_zeros(selected.shape[0], self.seq_len, selected.shape[2])
+        return base.to(selected.dtype).index_put((rows, step.positions[rows, slots]), selected[rows, slots])
+
+
+def _layer_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    step = kwargs.get("tokentune_step")
+    if getattr(step, "dense", None) is None:
+        return None
+    return step.dense_layer_inputs(layer, args, kwargs)
+
+
+def install_layer_hooks(layers: list[nn.Module]) -> None:
+    """Hook every transformer layer for dense top layers; the hooks act only in a step that has them."""
+    for layer in layers:
+        layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
+
+
+@contextmanager
+def _skipping(layers: list[nn.Module], record: dict[nn.Module, tuple[tuple, dict]]) -> Iterator[None]:
+    """Within the context each of ``layers`` records its call into ``record`` and returns its input unchanged;
+    the last one then stops the forward (:class:`StopForward`)."""
+    saved = {layer: layer.__dict__.get("forward") for layer in layers}
+
+    def skip(layer: nn.Module):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            record[layer] = (args, kwargs)
+            if layer is layers[-1]:
+                raise StopForward
+            return hidden_of(args, kwargs)
+
+        return forward
+
+    for layer in layers:
+        layer.forward = skip(layer)
+    try:
+        yield
+    finally:
+        for layer, forward in saved.items():
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def record_lower_layer_inputs(backbone: nn.Module, dense: DenseTop, selected_inputs: dict, step: Any) -> None:
+    """The selected probe: run ``backbone`` on the selected tokens without autograd, every layer below the
+    top skipped, and keep what each of those layers receives in :attr:`DenseTop.lower_inputs`."""
+    if not dense.lower:
+        return
+    with torch.no_grad(), _skipping(dense.lower, dense.lower_inputs):
+        try:
+            backbone(**selected_inputs, tokentune_step=step)
+        except StopForward:
+            pass
+    for layer, (args, kwargs) in dense.lower_inputs.items():  # the grad call's own hidden states go in
+        dense.lower_inputs[layer] = with_hidden(args, kwargs, None)
