@@ -6,6 +6,8 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,3 +73,22 @@ def test_two_steps_of_every_recipe_on_a_tiny_slice(path, tmp_path):
         base = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
         assert base == HUB_NAMES[results["recipe"]["model_name"]]
         assert f"base_model: {base}" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
+def test_the_ci_recipe_prints_no_warnings(tmp_path):
+    """The tiny recipe end to end, as a user runs it: stderr holds progress bars only. In particular the
+    save does not look the base model up on the Hub (peft's embedding check warned twice, offline) and
+    peft's use of transformers' deprecated `is_gradient_checkpointing` stays out of the user's way."""
+    recipe = os.path.join(CONFIG_DIR, "tiny_bert_rotten_tomatoes.yaml")
+    completed = subprocess.run(
+        [sys.executable, "-m", "tokentune_peft.cli.train", "--config", recipe, "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "held-out accuracy" in completed.stdout
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    for noise in ("Warning", "warnings.warn", "Unable to fetch remote file", "Could not find a config file"):
+        assert noise not in completed.stderr, completed.stderr
