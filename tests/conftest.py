@@ -9,4 +9,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Scripts that the multi-process tests launch; importing them would start them.
-collect_ignore = ["ddp_gradient_check.py", "fsdp_check.py", "fsdp_trainer_check.py", "train_on_two_processes.py"]
+collect_ignore = [
+    "ddp_gradient_check.py",
+    "fsdp_check.py",
+    "fsdp_trainer_check.py",
+    "deepspeed_trainer_check.py",
+    "train_on_two_processes.py",
+]

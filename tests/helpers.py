@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import socket
+import subprocess
 import sys
 
 import torch
@@ -273,6 +275,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def torchrun(script: str, result_path) -> dict:
+    """Run a worker script of tests/ on 2 CPU processes (gloo); its JSON result, written to ``result_path``."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        + [os.path.join(os.path.dirname(__file__), script), str(result_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return json.loads(result_path.read_text())
 
 
 def leave_without_teardown() -> None:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,9 +14,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.attention import TokenTuneStep
 
-from helpers import build_model, fixed_selection, free_port, make_batch
+from helpers import build_model, fixed_selection, make_batch, torchrun
 
-HERE = os.path.dirname(__file__)
 # What wrappers do to a forward's keyword arguments before the module runs.
 ARGUMENT_MOVERS = {
     # FSDP2's input cast under a MixedPrecisionPolicy, and FSDP/DDP's device move (`_to_kwargs`).
@@ -94,27 +89,13 @@ def test_step_output_survives_a_pytree_round_trip():
     assert torch.equal(rebuilt.selected_positions, output.selected_positions)
 
 
-def _torchrun(script: str, result_path) -> dict:
-    """Run a worker script on 2 CPU processes (gloo); its JSON result."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-        + [os.path.join(HERE, script), str(result_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return json.loads(result_path.read_text())
-
-
 def test_fsdp2_gradient_equals_single_process_gradient(tmp_path):
     """fully_shard per decoder layer and at the root, each rank on the same batch and positions:
     FSDP2's averaged gradient is the single-process one (TokenTune alone and with LoRA, resharding after
     forward or not); under bf16 parameters with fp32 reduce it is a single-process bf16 model's, to
     bf16 rounding; a sharded save reloads (transformers checkpoint, or plain peft adapter) with the
     logits of the single-process save."""
-    result = _torchrun("fsdp_check.py", tmp_path / "result.json")
+    result = torchrun("fsdp_check.py", tmp_path / "result.json")
     assert result["world"] == 2
     gradient = result["gradient"]
     for method in ("alone", "lora"):
@@ -130,7 +111,7 @@ def test_fsdp2_gradient_equals_single_process_gradient(tmp_path):
 def test_three_trainer_steps_under_fsdp2_match_ddp(tmp_path):
     """TokenTuneTrainer, 3 steps on 2 processes: the FSDP2 run (accelerate's FSDP plugin, version 2)
     logs DDP's losses, alone and with LoRA."""
-    result = _torchrun("fsdp_trainer_check.py", tmp_path / "result.json")
+    result = torchrun("fsdp_trainer_check.py", tmp_path / "result.json")
     for method in ("alone", "lora"):
         ddp, fsdp = result[f"{method}-ddp"], result[f"{method}-fsdp2"]
         assert ddp["wrapped_as"] == "DistributedDataParallel"

@@ -6,6 +6,8 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +86,22 @@ def test_a_recipe_trains_with_dense_top_layers(tmp_path):
     assert saved["dense_top_layers"] == 1
     memory = json.loads((tmp_path / "results.json").read_text())["activation_memory"]
     assert 0 < memory["step_mib"] < memory["full_fine_tuning_mib"]
+
+
+@pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
+def test_the_ci_recipe_prints_no_warnings(tmp_path):
+    """The tiny recipe end to end, as a user runs it: stderr holds progress bars only. In particular the
+    save does not look the base model up on the Hub (peft's embedding check warned twice, offline) and
+    peft's use of transformers' deprecated `is_gradient_checkpointing` stays out of the user's way."""
+    recipe = os.path.join(CONFIG_DIR, "tiny_bert_rotten_tomatoes.yaml")
+    completed = subprocess.run(
+        [sys.executable, "-m", "tokentune_peft.cli.train", "--config", recipe, "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "held-out accuracy" in completed.stdout
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    for noise in ("Warning", "warnings.warn", "Unable to fetch remote file", "Could not find a config file"):
+        assert noise not in completed.stderr, completed.stderr

@@ -3,7 +3,8 @@ padding-free batches, label smoothing, with and without LoRA.
 
 At ratio 1.0 `TokenTuneSFTTrainer` logs the losses of the stock `SFTTrainer`; at 0.3 its first logged
 loss is the naive definition's mean over the selected supervised tokens; a plain `SFTTrainer` given a
-`TokenTuneConfig` stops at its first step, naming the class to use.
+`TokenTuneConfig` stops at its first step, naming the class to use; without TokenTune, `TokenTuneSFTTrainer`
+is the stock `SFTTrainer`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def test_a_plain_sft_trainer_with_tokentune_stops_at_its_first_step_naming_the_t
     trainer = sft_trainer(SFTTrainer, tmp_path, "text", ratio=0.3, lora=True)
     with pytest.raises(ValueError, match="TokenTuneSFTTrainer"):
         trainer.train()
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "all_weights"])
+def test_without_tokentune_it_logs_the_losses_of_the_stock_sft_trainer(tmp_path, caplog, lora):
+    """`peft_config=LoraConfig(...)` (or none) instead of a TokenTuneConfig: TokenTune is off, and the
+    same trainer class trains as the stock `SFTTrainer`, saying so once."""
+    with caplog.at_level("INFO", logger="tokentune_peft.trainer"):
+        ours = sft_trainer(TokenTuneSFTTrainer, tmp_path / "a", "text", ratio=None, lora=lora)
+    ours.train()
+    stock = sft_trainer(SFTTrainer, tmp_path / "b", "text", ratio=None, lora=lora)
+    stock.train()
+    assert len(logged(ours)) == 3
+    assert logged(ours) == logged(stock)
+    assert logged(ours, "mean_token_accuracy") == logged(stock, "mean_token_accuracy")
+    assert [record.getMessage() for record in caplog.records if "TokenTune is off" in record.getMessage()] == [
+        f"TokenTune is off: the model ({type(ours.model).__name__}) is not wrapped with a TokenTuneConfig, "
+        "so TokenTuneSFTTrainer trains it as SFTTrainer does."
+    ]
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "all_weights"])

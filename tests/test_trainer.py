@@ -181,12 +181,47 @@ def test_a_batch_without_selected_labels_gives_zero_loss(tmp_path):
     assert [e["loss"] for e in trainer.state.log_history if "loss" in e] == [0.0]
 
 
-def test_a_model_without_tokentune_is_refused(tmp_path):
-    with pytest.raises(TypeError, match="get_peft_model"):
-        TokenTuneTrainer(model=build_model("llama", "CAUSAL_LM"), args=arguments(tmp_path))
-    plain_lora = get_peft_model(build_model("llama", "CAUSAL_LM"), LoraConfig(r=4))
-    with pytest.raises(TypeError, match="TokenTuneConfig"):
-        TokenTuneTrainer(model=plain_lora, args=arguments(tmp_path))
+def plain_model(lora: bool):
+    """The tiny Llama without TokenTune: as it is, or with a plain (non-zero) LoRA adapter."""
+    model = build_model("llama", "CAUSAL_LM")
+    torch.manual_seed(1)
+    return (
+        get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)) if lora else model
+    )
+
+
+def logged_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "all_weights"])
+def test_without_tokentune_it_logs_the_losses_of_the_plain_trainer(tmp_path, caplog, lora):
+    """TokenTune is toggled by the model's config alone: the same trainer class trains a model without
+    TokenTune exactly as `Trainer` does, checkpoints and resumption included, and says once that it is off."""
+    settings = dict(max_steps=3, save_strategy="steps", save_steps=2)
+    plain = Trainer(
+        model=plain_model(lora), args=arguments(tmp_path / "a", **settings), train_dataset=causal_lm_examples()
+    )
+    plain.train()
+    with caplog.at_level("INFO", logger="tokentune_peft.trainer"):
+        ours = TokenTuneTrainer(
+            model=plain_model(lora), args=arguments(tmp_path / "b", **settings), train_dataset=causal_lm_examples()
+        )
+    ours.train()
+    assert len(logged_losses(plain)) == 3
+    assert logged_losses(ours) == logged_losses(plain)
+    assert "selection_ratio" not in ours.state.log_history[0]
+    off = [record.getMessage() for record in caplog.records if "TokenTune is off" in record.getMessage()]
+    assert off == [
+        f"TokenTune is off: the model ({type(ours.model).__name__}) is not wrapped with a TokenTuneConfig, "
+        "so TokenTuneTrainer trains it as Trainer does."
+    ]
+    # a checkpoint of a run without TokenTune resumes like the Trainer's own
+    resumed = TokenTuneTrainer(
+        model=plain_model(lora), args=arguments(tmp_path / "b", **settings), train_dataset=causal_lm_examples()
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert logged_losses(resumed)[-1] == logged_losses(plain)[-1]
 
 
 def test_tokentune_at_ratio_one_trains_like_the_plain_trainer(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,21 +24,21 @@ from .tuner import TokenTuneLoraModel, TokenTuneModel
 
 SELECTION_STATE_FILE = "tokentune_selection_rng_{}.pth"
 
+logger = logging.getLogger(__name__)
 
-def tokentune_engine_of(model: nn.Module) -> TokenTuneEngine:
-    """The TokenTune engine of a model wrapped by ``get_peft_model(model, TokenTuneConfig(...))``.
 
-    Raises TypeError, saying how to wrap it, for any other model.
+def tokentune_engine_of(model: nn.Module) -> TokenTuneEngine | None:
+    """The TokenTune engine of a model wrapped by ``get_peft_model(model, TokenTuneConfig(...))``, or None
+    for any other model (a plain transformers model, a plain LoRA ``PeftModel``).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> tokentune_engine_of(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                                          intermediate_size=64))) is None
+        True
     """
     tuner = getattr(model, "base_model", None) if isinstance(model, PeftModel) else None
-    if not isinstance(tuner, (TokenTuneModel, TokenTuneLoraModel)):
-        raise TypeError(
-            f"A TokenTune trainer needs a model wrapped with TokenTune; got {type(model).__name__}. Wrap it first:\n"
-            "    import tokentune_peft\n"
-            "    from peft import get_peft_model\n"
-            "    model = get_peft_model(model, tokentune_peft.TokenTuneConfig(selection_ratio=0.3, task_type=...))"
-        )
-    return tuner.tokentune_engine
+    return tuner.tokentune_engine if isinstance(tuner, (TokenTuneModel, TokenTuneLoraModel)) else None
 
 
 @dataclass
@@ -79,16 +80,26 @@ class TokenTuneTrainerMixin:
     the selection ratio in force and the activation memory of one step against full fine-tuning.
 
     The model may be wrapped before the trainer is built, or by the trainer itself (TRL's
-    ``peft_config=TokenTuneConfig(...)``).
+    ``peft_config=TokenTuneConfig(...)``). A model without TokenTune (a plain model, or ``peft_config=LoraConfig(...)``)
+    trains exactly as the base trainer trains it, so one script turns TokenTune on and off with its config alone.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        model = kwargs.get("model", args[0] if args else None)
-        wrapped_by_trainer = kwargs.get("peft_config") is not None  # TRL's trainers wrap it with `peft_config`
-        if model is not None and not isinstance(model, str) and not wrapped_by_trainer:
-            tokentune_engine_of(model)  # fail before the Trainer sets itself up
         super().__init__(*args, **kwargs)
+        self.activation_memory: dict[str, int] | None = None
+        self._selected_tokens = 0
+        self._real_tokens = 0
         self.tokentune_engine = tokentune_engine_of(self.model)
+        if self.tokentune_engine is None:
+            mro = type(self).__mro__
+            base = mro[mro.index(TokenTuneTrainerMixin) + 1]  # the trainer this mixin was mixed into
+            logger.info(
+                "TokenTune is off: the model (%s) is not wrapped with a TokenTuneConfig, so %s trains it as %s does.",
+                type(self.model).__name__,
+                type(self).__name__,
+                base.__name__,
+            )
+            return
         # With dense top layers the outputs and the loss cover every position, as the stock model's.
         covers_selected_slots = not self.tokentune_engine.dense_top_layers
         if self.compute_loss_func is not None and covers_selected_slots:
@@ -103,9 +114,6 @@ class TokenTuneTrainerMixin:
             )
         # Positions come from TokenTuneConfig.seed, one stream per process; TrainingArguments.seed sets the rest.
         self.selection_generator = torch.Generator().manual_seed(self.tokentune_engine.seed + self.args.process_index)
-        self.activation_memory: dict[str, int] | None = None
-        self._selected_tokens = 0
-        self._real_tokens = 0
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """Fetch the batches of one optimizer step, choose their positions, count the selected supervised tokens.
@@ -115,6 +123,8 @@ class TokenTuneTrainerMixin:
         (exact with one batch per step and one process). With dense top layers the loss covers every
         supervised token, and the count is the Trainer's own.
         """
+        if self.tokentune_engine is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
         batches = []
         for _ in range(num_batches):
             try:
@@ -144,12 +154,13 @@ class TokenTuneTrainerMixin:
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if "selected_positions" not in self._signature_columns:  # a data set may bring its own positions
+        # a data set may bring its own positions
+        if self.tokentune_engine is not None and "selected_positions" not in self._signature_columns:
             self._signature_columns.append("selected_positions")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The TokenTune step's loss; the first step's activations are measured."""
-        if not model.training:
+        if not model.training or self.tokentune_engine is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The generator for positions drawn in the forward; it also tells the step the loss count is the selection's.
         inputs = {**inputs, "trainer_generator": self.selection_generator}
@@ -195,6 +206,8 @@ class TokenTuneTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Restored here, before the first resumed batch is sampled (the Trainer restores its own
         # generators only after fetching that batch).
+        if self.tokentune_engine is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_selection_state(resume_from_checkpoint)
         if self._all_weights_model() is None or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -219,6 +232,8 @@ class TokenTuneTrainerMixin:
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
+        if self.tokentune_engine is None:
+            return
         path = os.path.join(output_dir, SELECTION_STATE_FILE.format(self.args.process_index))
         torch.save(self.selection_generator.get_state(), path)
 

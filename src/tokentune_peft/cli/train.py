@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -144,6 +145,20 @@ def activation_memory(trainer: Trainer, model, batch: dict) -> dict[str, float]:
     }
 
 
+def save_trained_model(trainer: Trainer, folder: str) -> None:
+    """Save what ``trainer`` trained into ``folder``, as ``trainer.save_model`` does.
+
+    An adapter (or a TokenTune model) is saved with ``save_embedding_layers=False``: the recipes never
+    resize the vocabulary, and peft's default ("auto") would check that by fetching the base model's
+    ``config.json`` from the Hub under the name the model carries (offline, two warnings).
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not isinstance(model, PeftModel):
+        trainer.save_model(folder)
+    elif trainer.args.should_save:
+        model.save_pretrained(folder, save_embedding_layers=False)
+
+
 def make_collator(recipe: RecipeArguments, tokenizer):
     """The collator that pads a recipe's batches (labels padded with -100 for token-level tasks)."""
     if recipe.task_type == "SEQ_CLS":
@@ -178,7 +193,7 @@ def run(recipe: RecipeArguments, training, callbacks: list[TrainerCallback] | No
     answers_after = generate_answers(model, tokenizer, prompts)
     memory = activation_memory(trainer, model, next(iter(trainer.get_train_dataloader())))
 
-    trainer.save_model(training.output_dir)
+    save_trained_model(trainer, training.output_dir)
     results = {
         "recipe": vars(recipe),
         "before": before,
@@ -262,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_usage()
         print("tokentune-train: give a recipe, e.g. --config configs/minilm_rotten_tomatoes_tokentune.yaml")
         raise SystemExit(2)
+    # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing` (peft_model.py, in
+    # __init__); nothing a user of this command can change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         recipe, training = parse_recipe(known.config, overrides)
     except RecipeError as error:
