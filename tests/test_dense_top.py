@@ -5,6 +5,8 @@ the plain and TokenTune-aware trainers, memory, and the errors."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from transformers import DataCollatorWithFlattening, LlamaForCausalLM, Trainer
 
 from tokentune_peft import SavedTensorMeter, TokenTuneConfig, saved_activation_bytes
 from tokentune_peft.cli.model_configs import llama_config
-from tokentune_peft.dense_top import transformer_layers
+from tokentune_peft.dense_top import DenseTop, transformer_layers
 from tokentune_peft.trainer import TokenTuneTrainer
 
 from helpers import (
@@ -289,3 +291,25 @@ def test_the_field_round_trips_through_the_saved_config(tmp_path):
     TokenTuneConfig(task_type="SEQ_CLS", dense_top_layers=2).save_pretrained(str(tmp_path))
     assert TokenTuneConfig.from_pretrained(str(tmp_path)).dense_top_layers == 2
 
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_step_frees_its_state_without_the_garbage_collector(engine, monkeypatch):
+    """A reference cycle through the step would keep its recorded tensors alive until a collection."""
+    states = []
+    original = DenseTop.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        states.append(weakref.ref(self))
+
+    monkeypatch.setattr(DenseTop, "__init__", recording_init)
+    model = wrap(build("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=True, dense_top_layers=1, engine=engine)
+    batch = make_batch(model, "CAUSAL_LM")
+    gc.collect()
+    gc.disable()
+    try:
+        model(**batch).loss.backward()
+        assert states and all(state() is None for state in states)
+    finally:
+        gc.enable()

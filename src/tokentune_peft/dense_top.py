@@ -148,7 +148,7 @@ class DenseTop:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], step.positions]
         if layer in self.lower_inputs:
             selected_args, selected_kwargs = self.lower_inputs[layer]
-            return with_hidden(selected_args, selected_kwargs, hidden)
+            return with_hidden(selected_args, {**selected_kwargs, "tokentune_step": step}, hidden)
         if layer is self.first_dense:
             return with_hidden(args, kwargs, self._every_row(step, hidden))
         return None
@@ -215,5 +215,8 @@ def record_lower_layer_inputs(backbone: nn.Module, dense: DenseTop, selected_inp
             backbone(**selected_inputs, tokentune_step=step)
         except StopForward:
             pass
-    for layer, (args, kwargs) in dense.lower_inputs.items():  # the grad call's own hidden states go in
+    for layer, (args, kwargs) in dense.lower_inputs.items():
+        # The grad call's own hidden states go in, and the step: kept here, it would make a reference cycle
+        # (step -> dense -> inputs -> step) that holds the step's tensors until the garbage collector runs.
+        kwargs = {name: value for name, value in kwargs.items() if name != "tokentune_step"}
         dense.lower_inputs[layer] = with_hidden(args, kwargs, None)
