@@ -90,6 +90,17 @@ SFT_METHODS = (
         {"selection_ratio": 0.3, "load_in_4bit": True},
         learning_rate_of="LoRA + TokenTune 0.3",
     ),
+    # Dense top layers (SmolLM2 has 30): every token trains in the last L layers, the loss covers every answer token.
+    Method(
+        "LoRA + TokenTune 0.3, supervised, dense 2",
+        {"selection_ratio": 0.3, "selection": "supervised", "dense_top_layers": 2},
+        SFT_GRID,
+    ),
+    Method(
+        "LoRA + TokenTune 0.3, supervised, dense 4",
+        {"selection_ratio": 0.3, "selection": "supervised", "dense_top_layers": 4},
+        SFT_GRID,
+    ),
 )
 #: The main classification comparisons, trained longer at the rates the classification part chose.
 CONVERGENCE_METHODS = tuple(

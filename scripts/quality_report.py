@@ -72,6 +72,8 @@ VIEWS = {
             "LoRA + TokenTune 0.3": "LoRA",
             "LoRA + TokenTune 0.3, supervised": "LoRA",
             "QLoRA + TokenTune 0.3": "LoRA",
+            "LoRA + TokenTune 0.3, supervised, dense 2": "LoRA",
+            "LoRA + TokenTune 0.3, supervised, dense 4": "LoRA",
         },
     ),
 }

@@ -33,6 +33,7 @@ class SFTStudyArguments:
     tokentune: bool = field(default=True, metadata={"help": "Train with TokenTune (False: TRL's own LoRA run)."})
     selection_ratio: float = field(default=0.3, metadata={"help": "TokenTune's share of tokens with gradient."})
     selection: str = field(default="uniform", metadata={"help": "'uniform', 'supervised' or 'importance'."})
+    dense_top_layers: int = field(default=0, metadata={"help": "TokenTune: last layers that train every token."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (every linear layer)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (QLoRA)."})
     train_samples: int = field(default=256, metadata={"help": "Training pairs used (of 1,058); 0 for all."})
@@ -97,7 +98,11 @@ def build_trainer(
     if not study.tokentune:
         return SFTTrainer(peft_config=lora, **options)
     config = TokenTuneConfig(
-        task_type="CAUSAL_LM", selection_ratio=study.selection_ratio, selection=study.selection, peft_config=lora
+        task_type="CAUSAL_LM",
+        selection_ratio=study.selection_ratio,
+        selection=study.selection,
+        dense_top_layers=study.dense_top_layers,
+        peft_config=lora,
     )
     return TokenTuneSFTTrainer(peft_config=config, **options)
 

@@ -49,11 +49,12 @@ def deepspeed_settings(stage: int) -> dict:
     return {"deepspeed": config, "accelerator_config": {"use_configured_state": True}}
 
 
-def train(lora: bool, stage: int | None, engine: str = "auto") -> dict:
+def train(lora: bool, stage: int | None, engine: str = "auto", dense: int = 0) -> dict:
     unset_hf_deepspeed_config()  # a previous ZeRO-3 run would build this model under deepspeed.zero.Init
     base = build_model("llama", "CAUSAL_LM")
     peft_config = LoraConfig(r=8, target_modules="all-linear") if lora else None
-    model = get_peft_model(base, TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config, engine=engine))
+    config = TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config, engine=engine, dense_top_layers=dense)
+    model = get_peft_model(base, config)
     data = []
     for seed in range(6):  # 12 rows: 3 steps of 2 rows on each of 2 ranks
         batch = make_batch(base, "CAUSAL_LM", seed=seed)
@@ -85,11 +86,12 @@ def train(lora: bool, stage: int | None, engine: str = "auto") -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     results = {}
-    for lora in (False, True):  # DDP first: a DeepSpeed run leaves the process set up for DeepSpeed
-        results[f"{'lora' if lora else 'alone'}-ddp"] = train(lora, None)
+    methods = (("alone", False, 0), ("lora", True, 0), ("dense", True, 1))  # dense: LoRA + one dense top layer
+    for method, lora, dense in methods:  # DDP first: a DeepSpeed run leaves the process set up for DeepSpeed
+        results[f"{method}-ddp"] = train(lora, None, dense=dense)
     for stage in (2, 3):
-        for lora in (False, True):
-            results[f"{'lora' if lora else 'alone'}-zero{stage}"] = train(lora, stage)
+        for method, lora, dense in methods:
+            results[f"{method}-zero{stage}"] = train(lora, stage, dense=dense)
     results["alone-zero3-two-pass"] = train(False, 3, engine="two-pass")
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as handle:

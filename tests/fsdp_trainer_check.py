@@ -1,11 +1,12 @@
 """Run under `python -m torch.distributed.run --nproc_per_node 2` (CPU, gloo), from tests/test_fsdp.py.
 
-Three steps of `TokenTuneTrainer` under DDP (the Trainer's own multi-process CPU path), then the same
-three steps under FSDP2 through accelerate's FSDP plugin (``fsdp_version=2``, one ``fully_shard`` per
-decoder layer). accelerate 1.15 keeps a CPU run's distributed type at MULTI_CPU even with an FSDP
-plugin (``AcceleratorState`` sets FSDP only for accelerator devices), so the FSDP2 run switches the
-Trainer's accelerator state to FSDP after building it; accelerate's own ``fsdp2_prepare_model`` then
-shards the model. Rank 0 writes the per-step losses as JSON to the path given as the first argument.
+Three steps of `TokenTuneTrainer` (alone, with LoRA, and with LoRA and one dense top layer) under DDP (the
+Trainer's own multi-process CPU path), then the same three steps under FSDP2 through accelerate's FSDP plugin
+(``fsdp_version=2``, one ``fully_shard`` per decoder layer). accelerate 1.15 keeps a CPU run's distributed
+type at MULTI_CPU even with an FSDP plugin (``AcceleratorState`` sets FSDP only for accelerator devices), so
+the FSDP2 run switches the Trainer's accelerator state to FSDP after building it; accelerate's own
+``fsdp2_prepare_model`` then shards the model. Rank 0 writes the per-step losses as JSON to the path given as
+the first argument.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 from helpers import build_model, leave_without_teardown, make_batch  # noqa: E402
 
 
-def train(lora: bool, fsdp: bool) -> dict:
+def train(lora: bool, fsdp: bool, dense: int = 0) -> dict:
     base = build_model("llama", "CAUSAL_LM")
     peft_config = LoraConfig(r=8, target_modules="all-linear") if lora else None
-    model = get_peft_model(base, TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config))
+    config = TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config, dense_top_layers=dense)
+    model = get_peft_model(base, config)
     data = []
     for seed in range(6):  # 12 rows: 3 steps of 2 rows on each of 2 ranks
         batch = make_batch(base, "CAUSAL_LM", seed=seed)
@@ -70,9 +72,9 @@ def train(lora: bool, fsdp: bool) -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     results = {}
-    for lora in (False, True):
+    for method, lora, dense in (("alone", False, 0), ("lora", True, 0), ("dense", True, 1)):
         for fsdp in (False, True):
-            results[f"{'lora' if lora else 'alone'}-{'fsdp2' if fsdp else 'ddp'}"] = train(lora, fsdp)
+            results[f"{method}-{'fsdp2' if fsdp else 'ddp'}"] = train(lora, fsdp, dense)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as handle:
             json.dump(results, handle, indent=1)

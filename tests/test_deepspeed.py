@@ -10,11 +10,12 @@ from helpers import torchrun  # noqa: E402
 
 
 def test_three_trainer_steps_under_zero2_and_zero3_match_ddp(tmp_path):
-    """TokenTuneTrainer, 3 steps on 2 processes: ZeRO-2 and ZeRO-3 (every parameter partitioned) log DDP's
-    losses, alone and with LoRA. The single pass runs under both: ZeRO-3 gathers and frees each module's own
-    weights around each of its calls, so the two interleaved calls of a layer each find them."""
+    """TokenTuneTrainer, 3 steps on 2 processes: ZeRO-2 and ZeRO-3 (every parameter partitioned) log DDP's losses,
+    alone, with LoRA, and with LoRA and a dense top layer. The single pass runs under both: ZeRO-3 gathers and
+    frees each module's own weights around each of its calls, so the two interleaved calls of a layer each find
+    them."""
     result = torchrun("deepspeed_trainer_check.py", tmp_path / "result.json")
-    for method in ("alone", "lora"):
+    for method in ("alone", "lora", "dense"):
         ddp = result[f"{method}-ddp"]
         assert ddp["wrapped_as"] == "DistributedDataParallel" and len(ddp["losses"]) == 3
         for stage in ("zero2", "zero3"):

@@ -110,9 +110,9 @@ def test_fsdp2_gradient_equals_single_process_gradient(tmp_path):
 
 def test_three_trainer_steps_under_fsdp2_match_ddp(tmp_path):
     """TokenTuneTrainer, 3 steps on 2 processes: the FSDP2 run (accelerate's FSDP plugin, version 2)
-    logs DDP's losses, alone and with LoRA."""
+    logs DDP's losses, alone, with LoRA, and with LoRA and a dense top layer."""
     result = torchrun("fsdp_trainer_check.py", tmp_path / "result.json")
-    for method in ("alone", "lora"):
+    for method in ("alone", "lora", "dense"):
         ddp, fsdp = result[f"{method}-ddp"], result[f"{method}-fsdp2"]
         assert ddp["wrapped_as"] == "DistributedDataParallel"
         assert fsdp["wrapped_as"].startswith("FSDP")

@@ -16,8 +16,8 @@ a step) change only what the layers below the top see:
   by a short **selected probe** that runs the model on the selected tokens with every layer skipped
   (:func:`record_lower_layer_inputs`); so these layers run exactly as pass 2 of a plain TokenTune step;
 * the first dense layer takes every row again: the selected rows from below, with gradient, and the
-  others from the no-grad computation of the same layer input (pass 1 stops there, and so does the
-  single pass's no-grad group).
+  others from the no-grad computation of the same layer input (pass 1 skips the top layers, keeping the
+  first one's input; the single pass's no-grad group stops there).
 
 Self-attention inside the top layers runs the stock attention function (:meth:`DenseTop.runs_stock`).
 """
@@ -33,11 +33,11 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 #: Phases of a step, as the layer hooks see them.
-IDLE, PASS_ONE, RUN = "idle", "pass-one", "run"
+IDLE, RUN = "idle", "run"
 
 
 class StopForward(Exception):
-    """Raised inside a layer hook to end a forward whose remaining layers are not needed."""
+    """Raised in the single pass's no-grad group at the first dense layer: it has no more to compute."""
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
@@ -115,8 +115,9 @@ class DenseTop:
 
     def __init__(self, layers: list[nn.Module], count: int, seq_len: int) -> None:
         self.lower = layers[: len(layers) - count]
-        self.first_dense = layers[len(layers) - count]
-        self.top_modules = {module for layer in layers[len(layers) - count :] for module in layer.modules()}
+        self.top = layers[len(layers) - count :]
+        self.first_dense = self.top[0]
+        self.top_modules = {module for layer in self.top for module in layer.modules()}
         self.seq_len = seq_len
         self.phase = IDLE
         #: Each layer below the top: its ``(args, kwargs)`` in a call on the selected tokens.
@@ -129,18 +130,11 @@ class DenseTop:
         return module in self.top_modules
 
     def layer_inputs(self, step: Any, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """What ``layer`` runs on instead of ``(args, kwargs)`` (None: unchanged), by the step's phase.
-
-        In pass 1 the first dense layer's input is kept as :attr:`base` and the forward stops there. In the
-        call that carries gradient the layers below the top run the selected rows as in a call on the
-        selected tokens, and the first dense layer every row. ``step`` gives the selected positions
-        (``batch_index``, ``slot_index``, ``positions``).
+        """What ``layer`` runs on instead of ``(args, kwargs)`` (None: unchanged) in the call that carries
+        gradient: the layers below the top run the selected rows as in a call on the selected tokens, and the
+        first dense layer every row. ``step`` gives the selected positions (``batch_index``, ``slot_index``,
+        ``positions``).
         """
-        if self.phase == PASS_ONE:
-            if layer is self.first_dense:
-                self.base = hidden_of(args, kwargs)
-                raise StopForward
-            return None
         if self.phase != RUN:
             return None
         hidden = hidden_of(args, kwargs)
@@ -179,16 +173,17 @@ def install_layer_hooks(layers: list[nn.Module]) -> None:
 
 
 @contextmanager
-def _skipping(layers: list[nn.Module], record: dict[nn.Module, tuple[tuple, dict]]) -> Iterator[None]:
-    """Within the context each of ``layers`` records its call into ``record`` and returns its input unchanged;
-    the last one then stops the forward (:class:`StopForward`)."""
+def skipping(layers: list[nn.Module], record: dict[nn.Module, tuple[tuple, dict]]) -> Iterator[None]:
+    """Within the context each of ``layers`` records its call into ``record`` and returns its input unchanged.
+
+    A forward that needs only some layers' inputs runs to its end this way, around every hook of the
+    model (FSDP's, DeepSpeed's), instead of stopping inside one.
+    """
     saved = {layer: layer.__dict__.get("forward") for layer in layers}
 
     def skip(layer: nn.Module):
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
             record[layer] = (args, kwargs)
-            if layer is layers[-1]:
-                raise StopForward
             return hidden_of(args, kwargs)
 
         return forward
@@ -206,16 +201,15 @@ def _skipping(layers: list[nn.Module], record: dict[nn.Module, tuple[tuple, dict
 
 
 def record_lower_layer_inputs(backbone: nn.Module, dense: DenseTop, selected_inputs: dict, step: Any) -> None:
-    """The selected probe: run ``backbone`` on the selected tokens without autograd, every layer below the
-    top skipped, and keep what each of those layers receives in :attr:`DenseTop.lower_inputs`."""
+    """The selected probe: run ``backbone`` on the selected tokens without autograd, every layer skipped, and
+    keep what each layer below the top receives in :attr:`DenseTop.lower_inputs`."""
     if not dense.lower:
         return
-    with torch.no_grad(), _skipping(dense.lower, dense.lower_inputs):
-        try:
-            backbone(**selected_inputs, tokentune_step=step)
-        except StopForward:
-            pass
-    for layer, (args, kwargs) in dense.lower_inputs.items():
+    record: dict[nn.Module, tuple[tuple, dict]] = {}
+    with torch.no_grad(), skipping(dense.lower + dense.top, record):
+        backbone(**selected_inputs, tokentune_step=step)
+    for layer in dense.lower:
+        args, kwargs = record[layer]
         # The grad call's own hidden states go in, and the step: kept here, it would make a reference cycle
         # (step -> dense -> inputs -> step) that holds the step's tensors until the garbage collector runs.
         kwargs = {name: value for name, value in kwargs.items() if name != "tokentune_step"}

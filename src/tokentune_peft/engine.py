@@ -25,6 +25,7 @@ self-attention, so no token's forward runs twice. ``TokenTuneConfig.engine`` pic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .attention import TokenTuneStep
-from .dense_top import PASS_ONE, RUN, DenseTop, StopForward, record_lower_layer_inputs
+from .dense_top import RUN, DenseTop, hidden_of, record_lower_layer_inputs, skipping
 from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX, selected_targets
 from .selection.sampling import PAD_POSITION, validate_selected_positions
@@ -406,21 +407,20 @@ class TokenTuneEngine:
         if prepared.selected_positions is None:
             observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
         step = TokenTuneStep(input_ids.shape[1], observer=observer, dense=self._dense_top(input_ids.shape[1]))
-        if step.dense is not None:  # pass 1 keeps the first dense layer's input and stops there
-            step.dense.phase = PASS_ONE
-        with torch.no_grad():
+        dense_inputs: dict = {}  # with dense top layers, pass 1 skips them, keeping the first one's input
+        skip_top = skipping(step.dense.top, dense_inputs) if step.dense is not None else contextlib.nullcontext()
+        with torch.no_grad(), skip_top:
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            try:
-                model.base_model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=positions,
-                    use_cache=False,
-                    tokentune_step=step,
-                    **base_inputs,
-                )
-            except StopForward:
-                pass
+            model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=False,
+                tokentune_step=step,
+                **base_inputs,
+            )
+        if step.dense is not None:
+            step.dense.base = hidden_of(*dense_inputs[step.dense.first_dense])
         if step.num_recorded == 0 and (step.dense is None or step.dense.lower):
             raise RuntimeError(
                 "No attention call reached TokenTune's attention function: the model's attention does not go "
