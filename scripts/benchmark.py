@@ -175,10 +175,23 @@ def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dty
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = model.to(device)
+    return set_up(model, setting, task)
+
+
+def set_up(model, setting: Setting, task: str, lora_rank: int = 8):
+    """``model`` set up for ``setting`` (gradient checkpointing, LoRA of rank ``lora_rank`` on every linear
+    layer, TokenTune), in training mode.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_config(llama_config("llama-tiny"))
+        >>> type(set_up(model, Setting.parse("tokentune-0.3+lora"), "CAUSAL_LM").base_model).__name__
+        'TokenTuneLoraModel'
+    """
     if setting.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    adapter = LoraConfig(r=8, target_modules="all-linear", task_type=task) if setting.lora else None
+    adapter = LoraConfig(r=lora_rank, target_modules="all-linear", task_type=task) if setting.lora else None
     if setting.ratio is not None:
         config = TokenTuneConfig(
             selection_ratio=setting.ratio,
@@ -207,6 +220,28 @@ def keys_and_values_bytes(model_config, batch_size: int, seq_len: int, dtype: to
     return 2 * model_config.num_hidden_layers * batch_size * seq_len * heads * head_dim * element
 
 
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, task: str, device: torch.device) -> dict:
+    """A batch of random token ids (seed 0) without padding, with labels for ``task`` (the ids themselves
+    for causal LM, one of two classes per sequence otherwise), on ``device``.
+
+    Example:
+        >>> batch = random_batch(1000, 2, 8, "CAUSAL_LM", torch.device("cpu"))
+        >>> batch["input_ids"].shape, bool(batch["attention_mask"].all()), batch["labels"] is batch["input_ids"]
+        (torch.Size([2, 8]), True, True)
+    """
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    labels = input_ids if task == "CAUSAL_LM" else torch.randint(0, 2, (batch_size,), generator=generator).to(device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def training_step(model, batch: dict, optimizer: torch.optim.Optimizer) -> None:
+    """One training step: forward, backward, optimizer step, gradients freed."""
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: int) -> Measurement:
     """Measure one setting: bytes saved for backward, process peak memory, median training-step time."""
     setting = Setting.parse(setting_name)
@@ -214,11 +249,7 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
     model = build_model(args.model, args.model_folder, setting, torch_dtype, args.device)
     model_name, batch_size, warmup = args.model, args.batch_size, args.warmup
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
-    labels = input_ids if model_task(model_name) == "CAUSAL_LM" else torch.randint(0, 2, (batch_size,))
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    batch = {key: value.to(device) for key, value in batch.items()}
+    batch = random_batch(model.config.vocab_size, batch_size, seq_len, model_task(model_name), device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     meter = SavedTensorMeter(model, measure_only=True)
@@ -234,16 +265,14 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
     saved = meter.saved_bytes
     selected = output.get("selected_positions")
     del output
-    fraction = 1.0 if selected is None else float((selected >= 0).sum()) / input_ids.numel()
+    fraction = 1.0 if selected is None else float((selected >= 0).sum()) / (batch_size * seq_len)
 
     reset_peak_memory(device)
     times = []
     for step in range(warmup + steps):
         _synchronize(device)
         start = time.perf_counter()
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training_step(model, batch, optimizer)
         _synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)

@@ -9,10 +9,8 @@ import platform
 import time
 
 import torch
+import transformers
 from transformers import TrainerCallback
-
-from tokentune_peft.cli.recipes import parse_recipe
-from tokentune_peft.cli.train import run as run_recipe
 
 #: The recipes of this checkout.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
@@ -21,10 +19,16 @@ FULL_LR, LORA_LR = "1e-4", "1e-3"
 
 
 def machine_description(device: str = "cpu") -> str:
-    """The accelerator (or the CPU and its cores) and the torch version, for report headers."""
+    """The accelerator (or the CPU and its cores) and the torch and transformers versions, for report headers.
+
+    Example:
+        >>> "CPU" in machine_description() and "transformers" in machine_description()
+        True
+    """
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name()}, {versions}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {versions}"
 
 
 class LearningCurve(TrainerCallback):
@@ -61,6 +65,11 @@ class LearningCurve(TrainerCallback):
 def run_setting(name: str, seed: int, config: str, overrides: list[str], curve: LearningCurve | None = None) -> dict:
     """Train one recipe with overrides through ``tokentune-train``'s code; its results and wall time, and
     its learning curve when ``curve`` is given."""
+    # Imported here: the recipes need `datasets`, which the benchmarks importing this module do not (the GPU
+    # machine has none).
+    from tokentune_peft.cli.recipes import parse_recipe
+    from tokentune_peft.cli.train import run as run_recipe
+
     recipe, training = parse_recipe(config, overrides)
     start = time.perf_counter()
     results = run_recipe(recipe, training, callbacks=[curve] if curve else None)

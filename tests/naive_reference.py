@@ -49,7 +49,7 @@ def _detach_layer_input(module, args, kwargs):
 
 
 def selection_mask(selected_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
-    mask = torch.zeros(selected_positions.shape[0], seq_len, dtype=torch.bool)
+    mask = torch.zeros(selected_positions.shape[0], seq_len, dtype=torch.bool, device=selected_positions.device)
     for row, positions in enumerate(selected_positions.tolist()):
         mask[row, [p for p in positions if p >= 0]] = True
     return mask

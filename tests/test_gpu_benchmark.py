@@ -1,0 +1,79 @@
+"""The GPU benchmark's smoke mode runs on the CPU and writes well-formed results, and the script imports on a
+machine with only torch, transformers, peft and accelerate (the GPU machine's stack)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpu_benchmark import SMOKE_SETTINGS, main
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+#: Installed here, absent on the GPU machine.
+ABSENT_ON_GPU_MACHINE = ("bitsandbytes", "datasets", "trl", "liger_kernel")
+
+
+def run_smoke(output_dir, *flags: str) -> tuple[dict, str]:
+    main(["--device", "cpu", "--smoke", "--output_dir", str(output_dir), *flags])
+    return json.loads((output_dir / "results.json").read_text()), (output_dir / "results.md").read_text()
+
+
+def test_smoke_run_writes_table_and_json_and_tokentune_saves_activations(tmp_path):
+    results, table = run_smoke(tmp_path)
+
+    rows = {row["setting"]: row for row in results["results"]}
+    assert list(rows) == SMOKE_SETTINGS and all(row["seq_len"] == 64 for row in rows.values())
+    measured = {name: row for name, row in rows.items() if "skipped" not in row}
+    assert all("error" not in row for row in measured.values())
+    for row in measured.values():
+        assert row["peak_memory_bytes"] > 0 and len(row["step_seconds_all"]) == 1 and row["step_seconds"] > 0
+        assert row["saved_activation_bytes"] > 0 and row["keys_values_bytes"] > 0
+    saved = {name: row["saved_activation_bytes_vs_full"] for name, row in measured.items()}
+    assert saved["full"] == 1.0
+    assert saved["tokentune-0.3"] < 0.6
+    assert measured["tokentune-0.3+lora+gc"]["saved_activation_bytes_vs_lora"] < 0.5
+    assert saved["tokentune-0.3"] < saved["tokentune-0.3+dense1"] < 1.0  # one of llama-tiny's two layers is dense
+    assert measured["lora"]["step_seconds_vs_lora"] == 1.0
+
+    assert rows["lora+liger"]["skipped"] == "Liger-Kernel needs a CUDA device"
+    assert results["notes"] == ["lora+liger skipped: Liger-Kernel needs a CUDA device."]
+    assert "CPU" in results["machine"] and "transformers" in results["machine"]
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| setting |"))
+    table_rows = [line for line in lines if line.startswith("| ") and line != header]
+    assert [line.split(" | ")[0].removeprefix("| ") for line in table_rows] == SMOKE_SETTINGS
+    assert all(line.count("|") == header.count("|") for line in table_rows)
+    assert "| tokentune-0.3 | 64 |" in table and "skipped: Liger-Kernel needs a CUDA device" in table
+
+
+def test_settings_left_when_the_time_budget_is_spent_are_skipped_with_a_note(tmp_path):
+    results, table = run_smoke(tmp_path, "--time_budget_s", "0")
+
+    assert all("skipped" in row for row in results["results"])
+    assert "full skipped: the time budget of 0 s was spent." in results["notes"]
+    assert "| full | 64 | skipped: the time budget of 0 s was spent |" in table
+
+
+def test_package_and_script_import_without_the_libraries_the_gpu_machine_lacks():
+    """The GPU machine has torch, transformers, peft and accelerate, and no bitsandbytes, datasets, TRL or
+    Liger-Kernel: importing them must not be needed (a None in sys.modules makes an import fail, and
+    ``find_spec`` report the package missing)."""
+    code = (
+        f"import sys; sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINE!r})); sys.path.insert(0, {SCRIPTS!r}); "
+        "import tokentune_peft, gpu_benchmark, torch; "
+        "print(gpu_benchmark.liger_unavailable(torch.device('cuda')))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == "liger_kernel is not installed"
+
+
+@pytest.mark.parametrize("name", ["tokentune-0.3+dora", "qlora"])
+def test_settings_it_cannot_build_are_refused_before_anything_runs(name, tmp_path):
+    with pytest.raises(ValueError, match="setting"):
+        main(["--device", "cpu", "--settings", name, "--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
