@@ -22,6 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tokentune_peft import TokenTuneConfig, saved_activation_bytes
 from tokentune_peft.cli.offline import load_chatterbot_pairs, smollm2_path
+from tokentune_peft.cli.train import hide_peft_deprecation_warning
 from tokentune_peft.memory import MIB
 from tokentune_peft.sft_trainer import TokenTuneSFTTrainer
 
@@ -108,6 +109,7 @@ def build_trainer(
 
 
 def main() -> None:
+    hide_peft_deprecation_warning()
     study, args = HfArgumentParser((SFTStudyArguments, SFTConfig)).parse_args_into_dataclasses()
     pairs = load_chatterbot_pairs(seed=0)
     trainer = build_trainer(

@@ -122,6 +122,15 @@ def test_gradient_checkpointing_gives_the_same_gradient(lora, engine, use_reentr
     assert_same_grads(checkpointed, plain)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bf16_weights_match_naive_definition(engine):
+    model = wrap(build("qwen3", "CAUSAL_LM").to(torch.bfloat16), "CAUSAL_LM", True, dense_top_layers=1, engine=engine)
+    batch = make_batch(model, "CAUSAL_LM")
+    selected = fixed_selection(batch, "qwen3", "CAUSAL_LM", model)
+    output = check_against_naive(model, batch, selected, "CAUSAL_LM", (2e-2, 2e-2), (5e-2, 5e-3))
+    assert output.logits.dtype == torch.bfloat16
+
+
 def packed_batch() -> dict:
     """Three documents in one row, position ids restarting at 0, no attention mask."""
     generator = torch.Generator().manual_seed(0)

@@ -38,8 +38,10 @@ def lora(**options) -> LoraConfig:
     return LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, **options)
 
 
-def test_qlora_gradient_matches_naive_definition(four_bit_llama):
-    model = get_peft_model(four_bit_llama(), TokenTuneConfig(task_type="CAUSAL_LM", peft_config=lora())).train()
+@pytest.mark.parametrize("dense", [0, 1], ids=["selective", "dense_top_1"])
+def test_qlora_gradient_matches_naive_definition(four_bit_llama, dense):
+    config = TokenTuneConfig(task_type="CAUSAL_LM", peft_config=lora(), dense_top_layers=dense)
+    model = get_peft_model(four_bit_llama(), config).train()
     assert four_bit_layers(model)
     batch = make_batch(model, "CAUSAL_LM")
     check_against_naive(model, batch, fixed_selection(batch, "llama", "CAUSAL_LM", model), "CAUSAL_LM")

@@ -145,6 +145,12 @@ def activation_memory(trainer: Trainer, model, batch: dict) -> dict[str, float]:
     }
 
 
+def hide_peft_deprecation_warning() -> None:
+    """Silence the one warning a recipe's user can do nothing about: peft 0.21's ``PeftModel`` reads
+    transformers' deprecated ``is_gradient_checkpointing`` (peft_model.py, in ``__init__``)."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def save_trained_model(trainer: Trainer, folder: str) -> None:
     """Save what ``trainer`` trained into ``folder``, as ``trainer.save_model`` does.
 
@@ -277,9 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_usage()
         print("tokentune-train: give a recipe, e.g. --config configs/minilm_rotten_tomatoes_tokentune.yaml")
         raise SystemExit(2)
-    # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing` (peft_model.py, in
-    # __init__); nothing a user of this command can change.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    hide_peft_deprecation_warning()
     try:
         recipe, training = parse_recipe(known.config, overrides)
     except RecipeError as error:
