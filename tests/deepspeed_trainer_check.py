@@ -24,14 +24,13 @@ import torch
 import torch.distributed as dist
 from accelerate.state import AcceleratorState, PartialState
 from peft import LoraConfig, get_peft_model
-from transformers import TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 
-from helpers import build_model, leave_without_teardown, make_batch  # noqa: E402
+from helpers import build_model, leave_without_teardown, three_steps_on_two_ranks  # noqa: E402
 
 
 def deepspeed_settings(stage: int) -> dict:
@@ -55,22 +54,8 @@ def train(lora: bool, stage: int | None, engine: str = "auto", dense: int = 0) -
     peft_config = LoraConfig(r=8, target_modules="all-linear") if lora else None
     config = TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config, engine=engine, dense_top_layers=dense)
     model = get_peft_model(base, config)
-    data = []
-    for seed in range(6):  # 12 rows: 3 steps of 2 rows on each of 2 ranks
-        batch = make_batch(base, "CAUSAL_LM", seed=seed)
-        data += [{key: value[row] for key, value in batch.items()} for row in range(2)]
     settings = {"use_cpu": True} if stage is None else deepspeed_settings(stage)
-    args = TrainingArguments(
-        tempfile.mkdtemp(),
-        report_to=[],
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        **settings,
-    )
+    data, args = three_steps_on_two_ranks(base, tempfile.mkdtemp(), **settings)
     trainer = TokenTuneTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     tokentune = trainer.tokentune_engine

@@ -20,13 +20,12 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig, get_peft_model
-from transformers import TrainingArguments
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tokentune_peft import TokenTuneConfig  # noqa: E402
 from tokentune_peft.trainer import TokenTuneTrainer  # noqa: E402
 
-from helpers import build_model, leave_without_teardown, make_batch  # noqa: E402
+from helpers import build_model, leave_without_teardown, three_steps_on_two_ranks  # noqa: E402
 
 
 def train(lora: bool, fsdp: bool, dense: int = 0) -> dict:
@@ -34,21 +33,7 @@ def train(lora: bool, fsdp: bool, dense: int = 0) -> dict:
     peft_config = LoraConfig(r=8, target_modules="all-linear") if lora else None
     config = TokenTuneConfig(task_type="CAUSAL_LM", peft_config=peft_config, dense_top_layers=dense)
     model = get_peft_model(base, config)
-    data = []
-    for seed in range(6):  # 12 rows: 3 steps of 2 rows on each of 2 ranks
-        batch = make_batch(base, "CAUSAL_LM", seed=seed)
-        data += [{key: value[row] for key, value in batch.items()} for row in range(2)]
-    args = TrainingArguments(
-        tempfile.mkdtemp(),
-        use_cpu=True,
-        report_to=[],
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-    )
+    data, args = three_steps_on_two_ranks(base, tempfile.mkdtemp(), use_cpu=True)
     trainer = TokenTuneTrainer(model=model, args=args, train_dataset=data)
     if fsdp:
         state = trainer.accelerator.state
