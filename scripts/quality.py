@@ -11,9 +11,13 @@ memory? Learning curves, a learning rate chosen per method on validation data, t
   TokenTune 0.3) trained for ``convergence_epochs``, each at the learning rate the classification part
   chose for it: do the curves flatten, and does the gap close with more passes over the data?
 * **supervised fine-tuning** through TRL's ``SFTTrainer``, SmolLM2-135M-Instruct on the chatterbot
-  training pairs (a validation split carved from them): LoRA, LoRA + TokenTune 0.3 (uniform and
-  supervised selection), QLoRA + TokenTune 0.3; validation answer loss against steps and seconds, and
-  the held-out (test) answer loss after training.
+  training pairs (a validation split carved from them): LoRA, LoRA + TokenTune 0.3 (uniform, supervised
+  and gradient selection; supervised with 2 and 4 dense top layers), QLoRA + TokenTune 0.3, and as
+  competitors LoRA with gradient checkpointing and QLoRA alone; validation answer loss against steps and
+  seconds, and the held-out (test) answer loss after training.
+
+The report draws each part's frontier (test metric against activation memory and training time) and
+checks the targets of issue 22.
 
 For each method the learning rates of its grid are tried at ``grid_seed``; the one with the best final
 validation metric is then run with the other seeds. Every finished run is written to
@@ -52,14 +56,19 @@ class Method:
     settings: dict
     learning_rates: tuple[float, ...] = ()
     learning_rate_of: str | None = None  # use another method's chosen learning rate instead of a grid
+    seeds: tuple[int, ...] | None = None  # the seeds run at the chosen rate; None: the study's ``seeds``
 
 
 FULL_GRID, LORA_GRID, SFT_GRID = (5e-5, 1e-4, 2e-4), (5e-4, 1e-3, 2e-3), (2.5e-4, 5e-4, 1e-3)
+# The grids whose edge rate was chosen, widened by one rate beyond it.
+FULL_WIDE_GRID, LORA_WIDE_GRID, SFT_WIDE_GRID = FULL_GRID + (4e-4,), LORA_GRID + (4e-3,), SFT_GRID + (2e-3,)
+#: SFT methods added later: three rates around the one every SFT method chose (1e-3), one run less each.
+SFT_UPPER_GRID = SFT_WIDE_GRID[1:]
 #: In the order they run: a study cut short has the main comparisons first.
 CLASSIFICATION_METHODS = (
-    Method("full fine-tuning", {"tokentune": False}, FULL_GRID),
+    Method("full fine-tuning", {"tokentune": False}, FULL_WIDE_GRID),
     Method("TokenTune 0.3", {"selection_ratio": 0.3}, FULL_GRID),
-    Method("LoRA", {"tokentune": False, "lora": True}, LORA_GRID),
+    Method("LoRA", {"tokentune": False, "lora": True}, LORA_WIDE_GRID),
     Method("LoRA + TokenTune 0.3", {"lora": True, "selection_ratio": 0.3}, LORA_GRID),
     Method(
         "full fine-tuning, gradient checkpointing",
@@ -81,7 +90,8 @@ CLASSIFICATION_METHODS = (
     ),
 )
 SFT_METHODS = (
-    Method("LoRA", {"tokentune": False}, SFT_GRID),
+    Method("LoRA", {"tokentune": False}, SFT_WIDE_GRID),
+    # These two chose their grid's edge (1e-3) too; their grids are not widened yet (the report marks the edge).
     Method("LoRA + TokenTune 0.3", {"selection_ratio": 0.3}, SFT_GRID),
     Method("LoRA + TokenTune 0.3, supervised", {"selection_ratio": 0.3, "selection": "supervised"}, SFT_GRID),
     # The same adapter and ratio over 4-bit weights: it takes LoRA + TokenTune 0.3's rate, sparing a grid.
@@ -94,12 +104,22 @@ SFT_METHODS = (
     Method(
         "LoRA + TokenTune 0.3, supervised, dense 2",
         {"selection_ratio": 0.3, "selection": "supervised", "dense_top_layers": 2},
-        SFT_GRID,
+        SFT_UPPER_GRID,
     ),
+    Method("LoRA + TokenTune 0.3, gradient", {"selection_ratio": 0.3, "selection": "gradient"}, SFT_UPPER_GRID),
+    # Its gradients are LoRA's, so its loss is too: one run measures its memory and time.
+    Method(
+        "LoRA, gradient checkpointing",
+        {"tokentune": False, "gradient_checkpointing": True},
+        learning_rate_of="LoRA",
+        seeds=(0,),
+    ),
+    # QLoRA without TokenTune, at LoRA's rate: what quantisation alone costs.
+    Method("QLoRA", {"tokentune": False, "load_in_4bit": True}, learning_rate_of="LoRA", seeds=(0,)),
     Method(
         "LoRA + TokenTune 0.3, supervised, dense 4",
         {"selection_ratio": 0.3, "selection": "supervised", "dense_top_layers": 4},
-        SFT_GRID,
+        SFT_UPPER_GRID,
     ),
 )
 #: The main classification comparisons, trained longer at the rates the classification part chose.
@@ -155,6 +175,13 @@ class QualityArguments:
     sft_max_length: int = field(default=128, metadata={"help": "SFT: tokens per chat, longer ones truncated."})
     sft_warmup_steps: int = field(default=10, metadata={"help": "SFT: learning rate warm-up steps."})
     sft_validation_pairs: int = field(default=106, metadata={"help": "SFT: training pairs held out for validation."})
+    methods: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train only the runs of these methods, each named as `name` or `part: name` (the others are "
+            "read from their files where they exist, and listed as missing where not). Default: every method."
+        },
+    )
     max_minutes: float | None = field(
         default=None, metadata={"help": "Start no new run after this many minutes; run again to resume."}
     )
@@ -225,7 +252,9 @@ def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: 
     if args.quick:
         train, test = train.select(range(24)), test.select(range(8))
     carved = train.train_test_split(test_size=8 if args.quick else args.sft_validation_pairs, shuffle=False)
-    study = SFTStudyArguments(train_samples=0, **method.settings)
+    settings = dict(method.settings)
+    checkpointing = settings.pop("gradient_checkpointing", False)
+    study = SFTStudyArguments(train_samples=0, **settings)
     sft_config = SFTConfig(
         output_dir=scratch,
         learning_rate=learning_rate,
@@ -243,13 +272,15 @@ def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: 
         report_to=[],
         use_cpu=True,
         bf16=False,  # SFTConfig's default; the CPU runs here are fp32
-        gradient_checkpointing=False,
+        gradient_checkpointing=checkpointing,
     )
     curve = LearningCurve()
     start = time.perf_counter()
     trainer = build_trainer(
         study, sft_config, conversations(carved["train"], 0), conversations(carved["test"], 0), [curve]
     )
+    if checkpointing:
+        trainer.model.train()  # transformers checkpoints in training mode only: measure what training keeps
     memory = activation_mib(trainer)
     trainer.train()
     test_loss = trainer.evaluate(conversations(test, 0), metric_key_prefix="test")["test_loss"]
@@ -279,7 +310,7 @@ class Study:
         if os.path.exists(path):
             with open(path) as handle:
                 record = json.load(handle)
-        elif self.deadline is not None and time.time() > self.deadline:
+        elif not self.trains(part, method) or (self.deadline is not None and time.time() > self.deadline):
             self.missing.append(f"{part}: {method.name}, learning rate {learning_rate:g}, seed {seed}")
             return None
         else:
@@ -294,6 +325,11 @@ class Study:
                 json.dump(record, handle, indent=1)
         self.runs[path] = record
         return record
+
+    def trains(self, part: str, method: Method) -> bool:
+        """Whether this sitting may train runs of ``method`` in ``part`` (``QualityArguments.methods``)."""
+        names = self.args.methods
+        return names is None or method.name in names or f"{part}: {method.name}" in names
 
     def run_part(self, part: str, rates_from: dict[str, float]) -> dict[str, float]:
         """Each method's grid at the grid seed, then its other seeds at the chosen rate; the chosen rates.
@@ -318,7 +354,7 @@ class Study:
                     continue  # a rate chosen from part of the grid would not be the grid's choice
                 rate = max(finals, key=finals.get)
             chosen[method.name] = rate
-            for seed in self.args.seeds:
+            for seed in method.seeds or self.args.seeds:
                 self.run(part, method, rate, seed)
         return chosen
 

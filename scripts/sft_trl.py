@@ -33,7 +33,7 @@ class SFTStudyArguments:
 
     tokentune: bool = field(default=True, metadata={"help": "Train with TokenTune (False: TRL's own LoRA run)."})
     selection_ratio: float = field(default=0.3, metadata={"help": "TokenTune's share of tokens with gradient."})
-    selection: str = field(default="uniform", metadata={"help": "'uniform', 'supervised' or 'importance'."})
+    selection: str = field(default="uniform", metadata={"help": "'uniform', 'supervised', 'importance' or 'gradient'."})
     dense_top_layers: int = field(default=0, metadata={"help": "TokenTune: last layers that train every token."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (every linear layer)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits (QLoRA)."})

@@ -9,7 +9,7 @@ import pytest
 
 import quality
 from helpers import offline_installed
-from quality_report import VIEWS, grid_table
+from quality_report import TARGETS, VIEWS, frontier, grid_table, target_line
 from study_utils import LearningCurve
 
 
@@ -50,6 +50,42 @@ def test_grid_table_marks_a_rate_chosen_at_the_grid_edge():
     assert "grid edge" not in grid_table(runs[:3], "classification", VIEWS["classification"], {"inside": 2e-4}, 0)
 
 
+def row(method: str, test_mean: float, activation_mib: float, train_seconds: float = 100.0, seeds: int = 3) -> dict:
+    return {"method": method, "test_mean": test_mean, "test_std": 0.005, "seeds": list(range(seeds)),
+            "activation_mib": activation_mib, "train_seconds": train_seconds}  # fmt: skip
+
+
+def test_the_frontier_holds_the_methods_no_other_beats_on_both_cost_and_metric():
+    rows = [row("a", 0.80, 50), row("b", 0.79, 60), row("c", 0.83, 100), row("d", 0.82, 100), row("e", 0.84, 300)]
+    assert frontier(rows, "activation_mib", VIEWS["classification"]) == ["a", "c", "e"]
+    losses = [row("a", 2.0, 50), row("b", 1.9, 60), row("c", 1.95, 70)]  # a lower loss is better
+    assert frontier(losses, "activation_mib", VIEWS["sft"]) == ["a", "b"]
+
+
+def test_a_target_is_met_missed_or_open_within_the_memory_cap():
+    view, (all_weights, _) = VIEWS["classification"], TARGETS["classification"]
+
+    def line(*candidates: dict) -> str:
+        rows = {r["method"]: r for r in (row("full fine-tuning", 0.83, 300), *candidates)}
+        return target_line(all_weights, rows, view)
+
+    assert "**met**" in line(row("TokenTune 0.3, dense 1", 0.83, 150))
+    assert "**missed**" in line(row("TokenTune 0.3, dense 1", 0.81, 150))
+    open_line = line(row("TokenTune 0.3, dense 1", 0.818, 150))  # 0.2 points short, std 0.5 points
+    assert "**open: a configuration is within its seed spread" in open_line
+    over_cap = line(row("TokenTune 0.5", 0.83, 151), row("TokenTune 0.3, dense 1", 0.81, 150))
+    assert "**missed**" in over_cap and "TokenTune 0.5: 83.00 ± 0.50 (+0.00 points), 50% of the memory" in over_cap
+    assert "over the memory cap" in over_cap
+    assert "not measured" in line(row("TokenTune 0.3, dense 1", 0.83, 150, seeds=2))
+
+
+def test_a_sitting_trains_only_the_methods_it_names(tmp_path):
+    quick(tmp_path, "--parts", "classification", "--seeds", "0", "--methods", "TokenTune 0.3")
+    assert {run["method"] for run in runs_of(tmp_path, "classification")} == {"TokenTune 0.3"}
+    report = (tmp_path / "quality.md").read_text()
+    assert "- classification: full fine-tuning, learning rate 5e-05, seed 0" in report
+
+
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
 def test_quick_classification_study_chooses_rates_on_validation_and_resumes(tmp_path, monkeypatch):
     quick(tmp_path, "--parts", "classification", "convergence", "--seeds", "0", "1")
@@ -84,7 +120,7 @@ def test_quick_classification_study_chooses_rates_on_validation_and_resumes(tmp_
     assert "Taken from the classification part's choice (validation split, seed 0): full fine-tuning: " in report
     assert "None: the study is complete." in report
     for part in ("classification", "convergence"):
-        for view in ("steps", "seconds"):
+        for view in ("steps", "seconds", "frontier_memory", "frontier_seconds"):
             assert (tmp_path / "quality" / f"{part}_{view}.png").read_bytes()[:4] == b"\x89PNG"
 
     def no_training(*args):
@@ -129,5 +165,6 @@ def test_quick_sft_study_runs_each_method_through_trl(tmp_path):
         assert run["test"]["loss"] > 0 and run["activation_mib"] > 0
     memory = {run["method"]: run["activation_mib"] for run in runs}
     assert memory["LoRA + TokenTune 0.3"] < memory["LoRA"]
+    assert memory["LoRA, gradient checkpointing"] < memory["LoRA"]
     report = (tmp_path / "quality.md").read_text()
-    assert "- LoRA + TokenTune 0.3 against LoRA: not measured (3 seeds of each needed)." in report
+    assert "- SFT, two epochs: not measured (3 seeds of LoRA needed)." in report
