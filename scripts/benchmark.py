@@ -52,7 +52,7 @@ ENGINES = ("single-pass", "two-pass")
 @dataclass
 class Setting:
     """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing,
-    TokenTune's selection strategy ("+supervised", "+importance"; uniform by default), engine
+    TokenTune's selection strategy ("+supervised", "+importance", "+gradient"; uniform by default), engine
     ("+single-pass", "+two-pass"; "auto" by default) and dense top layers ("+dense<L>"; 0 by default).
 
     Example:
@@ -87,7 +87,7 @@ class Setting:
         elif head != "full":
             raise ValueError(f"Unknown setting {name!r}: start with 'full', 'lora', 'qlora' or 'tokentune-<ratio>'.")
         for extra in extras:
-            if extra in ("supervised", "importance") and setting.ratio is not None:
+            if extra in ("supervised", "importance", "gradient") and setting.ratio is not None:
                 setting.selection = extra
                 continue
             if extra in ENGINES and setting.ratio is not None:
@@ -99,7 +99,7 @@ class Setting:
             if extra not in ("lora", "qlora", "gc"):
                 raise ValueError(
                     f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora', '+gc', or with TokenTune "
-                    "'+supervised', '+importance', '+single-pass', '+two-pass' or '+dense<L>'."
+                    "'+supervised', '+importance', '+gradient', '+single-pass', '+two-pass' or '+dense<L>'."
                 )
             setting.lora |= extra in ("lora", "qlora")
             setting.quantized |= extra == "qlora"

@@ -1,4 +1,4 @@
-"""Selection study: uniform, supervised and importance-guided token selection at equal k.
+"""Selection study: uniform, supervised, importance- and gradient-guided token selection at equal k.
 
 On the quality script's two tasks (`scripts/quality.py`), through ``tokentune-train``'s own
 code:
@@ -35,8 +35,8 @@ from tokentune_peft.selection.labels import IGNORE_INDEX, selected_targets
 
 from study_utils import CONFIG_DIR, FULL_LR, machine_description, run_setting, write_report
 
-STRATEGIES = ("uniform", "supervised", "importance")
-#: Strategies that differ on each task (SEQ_CLS: "supervised" is "uniform").
+STRATEGIES = ("uniform", "supervised", "importance", "gradient")
+#: Strategies that differ on each task (SEQ_CLS: "supervised" is "uniform", "gradient" is "importance").
 TASK_STRATEGIES = {"classification": ("uniform", "importance"), "sft": STRATEGIES}
 CONFIGS = {
     "classification": "minilm_rotten_tomatoes_tokentune.yaml",

@@ -68,9 +68,7 @@ def naive_tokentune_loss(
     _current_selection["dense_modules"] = {m for layer in layers[below:] for m in layer.modules()}
     previous = model.config._attn_implementation
     model.config._attn_implementation = "naive_tokentune"
-    hooks = [
-        layer.register_forward_pre_hook(_detach_layer_input, with_kwargs=True) for layer in layers[: below + 1]
-    ]
+    hooks = [layer.register_forward_pre_hook(_detach_layer_input, with_kwargs=True) for layer in layers[: below + 1]]
     try:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if task == "CAUSAL_LM":

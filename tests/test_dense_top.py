@@ -287,9 +287,7 @@ def test_more_layers_than_the_model_has_is_refused_at_wrapping_naming_its_layer_
 
 def test_a_router_load_balancing_loss_is_refused():
     with pytest.raises(ValueError, match="output_router_logits"):
-        get_peft_model(
-            build_model("mixtral", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", dense_top_layers=1)
-        )
+        get_peft_model(build_model("mixtral", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", dense_top_layers=1))
     model = get_peft_model(build("mixtral", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", dense_top_layers=1))
     batch = make_batch(model, "CAUSAL_LM")
     with pytest.raises(ValueError, match="`output_router_logits=True` cannot be combined with `dense_top_layers`"):
@@ -299,7 +297,6 @@ def test_a_router_load_balancing_loss_is_refused():
 def test_the_field_round_trips_through_the_saved_config(tmp_path):
     TokenTuneConfig(task_type="SEQ_CLS", dense_top_layers=2).save_pretrained(str(tmp_path))
     assert TokenTuneConfig.from_pretrained(str(tmp_path)).dense_top_layers == 2
-
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -1,4 +1,5 @@
-"""Selection strategies: invariants, reproducibility, intended bias, importance signal, custom selectors."""
+"""Selection strategies: invariants, reproducibility, intended bias, importance and gradient signals, custom
+selectors."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from peft import get_peft_model
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.attention import TokenTuneStep
 from tokentune_peft.selection import TokenSelector
+from tokentune_peft.selection.labels import labels_per_position
 from tokentune_peft.selection.sampling import evenly_spaced, selection_budget, validate_selected_positions
 
 from helpers import assert_same_grads, build_model, head_position, make_batch, padded_mask
 from naive_reference import naive_tokentune_loss
 
-STRATEGIES = ("uniform", "supervised", "importance")
+STRATEGIES = ("uniform", "supervised", "importance", "gradient")
 CASES = [("llama", "CAUSAL_LM"), ("llama", "TOKEN_CLS"), ("bert", "SEQ_CLS"), ("llama", "SEQ_CLS")]
 
 
@@ -150,8 +152,11 @@ def test_supervised_without_labels_raises_naming_them():
         selector(strategy="supervised").sample(None, mask, mask, None, torch.Generator())
 
 
-def reference_importance(model, batch: dict, readers: torch.Tensor) -> torch.Tensor:
-    """Attention times value norm, from the stock model's eager attention weights and its own v_proj."""
+def reference_importance(model, batch: dict, readers: torch.Tensor, reader_weights=None) -> torch.Tensor:
+    """Attention times value norm, from the stock model's eager attention weights and its own v_proj;
+    with ``reader_weights`` [batch, r], each reader's part of a layer's scores multiplied by its weight."""
+    if reader_weights is None:
+        reader_weights = torch.ones(readers.shape)
     stock = copy.deepcopy(model).get_base_model()
     with torch.no_grad():
         output = stock(**batch, output_attentions=True, output_hidden_states=True)
@@ -164,12 +169,14 @@ def reference_importance(model, batch: dict, readers: torch.Tensor) -> torch.Ten
         batch_size, seq_len, _ = values.shape
         values = values.view(batch_size, seq_len, -1, attention.head_dim).transpose(1, 2)
         norms = values.norm(dim=-1).repeat_interleave(attention.num_key_value_groups, dim=1)  # [B, H, N]
-        scores = torch.zeros(batch_size, seq_len)
+        scores, weighted = torch.zeros(batch_size, seq_len), torch.zeros(batch_size, seq_len)
         for row in range(batch_size):
-            for reader in readers[row].tolist():
+            for reader, weight in zip(readers[row].tolist(), reader_weights[row].tolist(), strict=True):
                 if reader >= 0:
-                    scores[row] += (attentions[row, :, reader, :] * norms[row]).sum(dim=0)
-        total += scores / scores.sum(dim=1, keepdim=True)
+                    contribution = (attentions[row, :, reader, :] * norms[row]).sum(dim=0)
+                    scores[row] += contribution
+                    weighted[row] += weight * contribution
+        total += weighted / scores.sum(dim=1, keepdim=True)
     return total
 
 
@@ -195,6 +202,49 @@ def test_importance_signal_equals_attention_times_value_norm_from_the_stock_mode
     torch.testing.assert_close(meter.scores, expected, rtol=1e-4, atol=1e-6)
     if task == "SEQ_CLS":  # the head's token is the only reader
         assert torch.equal(meter.readers[:, 0], head_position(model, batch, "llama"))
+
+
+def reference_gradient_norms(model, batch: dict, task: str) -> torch.Tensor:
+    """||d loss / d logits|| per position, by autograd through a summed cross-entropy on the stock model's logits."""
+    stock = copy.deepcopy(model).get_base_model()
+    with torch.no_grad():
+        logits = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits.requires_grad_(True)
+    targets = labels_per_position(task, batch["labels"])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    (gradient,) = torch.autograd.grad(loss, logits)
+    return gradient.norm(dim=-1)
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "TOKEN_CLS"])
+def test_gradient_signal_weights_each_reader_by_its_loss_gradient_from_the_stock_model(task):
+    model = wrapped("llama", task, "gradient")
+    model.base_model.model.config._attn_implementation = "tokentune_eager"
+    batch = make_batch(model, task)
+    selector = model.base_model.tokentune_engine.selector
+    transformers_model = model.base_model.model
+    meter = selector.importance_meter(transformers_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    step = TokenTuneStep(batch["input_ids"].shape[1], observer=meter)
+    with torch.no_grad():
+        hidden = transformers_model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], tokentune_step=step
+        )[0]
+
+    scores = selector.pass_one_scores(transformers_model, meter, hidden, batch["labels"])
+
+    norms = reference_gradient_norms(model, batch, task)
+    assert (norms > 0).sum() == (labels_per_position(task, batch["labels"]) != -100).sum()  # labelled ones only
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    attention = reference_importance(model, inputs, meter.readers, norms.gather(1, meter.readers.clamp(min=0)))
+    expected = norms / norms.sum(dim=1, keepdim=True) + attention / attention.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_without_labels_raises_naming_them():
+    model = wrapped("llama", "CAUSAL_LM", "gradient")
+    batch = make_batch(model, "CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"selection='gradient' needs the batch's `labels`"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 def test_readers_are_capped_and_evenly_spread():
@@ -249,6 +299,7 @@ def test_a_custom_selector_that_breaks_the_contract_raises(selector_function, me
         ({"uniform_share": 0.5}, "`uniform_share` applies to"),
         ({"selection": "supervised", "uniform_share": 1.5}, r"`uniform_share` must be a number in \[0, 1\]"),
         ({"selection": "importance", "uniform_share": "0.1"}, r"`uniform_share` must be a number in \[0, 1\]"),
+        ({"selection": "gradient", "dense_top_layers": 2}, r"selection='gradient' .* `dense_top_layers` \(2\)"),
     ],
 )
 def test_bad_selection_settings_raise_naming_the_argument(config, message):
@@ -262,3 +313,4 @@ def test_a_config_with_a_custom_selector_saves_its_name_and_loads_with_the_funct
         TokenTuneConfig.from_pretrained(str(tmp_path))
     assert TokenTuneConfig.from_pretrained(str(tmp_path), selection=first_tokens).selection is first_tokens
     assert TokenTuneConfig(task_type="CAUSAL_LM", selection="supervised").uniform_share == 0.2
+    assert TokenTuneConfig(task_type="CAUSAL_LM", selection="gradient").uniform_share == 0.2

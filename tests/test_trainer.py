@@ -262,8 +262,9 @@ def test_supervised_positions_are_sampled_before_the_forward_and_counted(tmp_pat
     assert int(num_items) == 5
 
 
-def test_importance_is_drawn_in_the_forward_from_the_trainers_generator(tmp_path):
-    model = tokentune_model(selection="importance")
+@pytest.mark.parametrize("selection", ["importance", "gradient"])
+def test_positions_drawn_in_the_forward_come_from_the_trainers_generator(tmp_path, selection):
+    model = tokentune_model(selection=selection)
     trainer = TokenTuneTrainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=causal_lm_examples())
     (fetched,), num_items = trainer.get_batch_samples(iter([one_batch()]), 1, torch.device("cpu"))
     assert "selected_positions" not in fetched and num_items is None  # unknown before the forward: batch mean

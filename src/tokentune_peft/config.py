@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftConfig
 from peft.utils import TaskType
 
 from . import __version__
-from .selection.strategies import SELECTION_STRATEGIES
+from .selection.strategies import SELECTION_STRATEGIES, WITH_UNIFORM_SHARE
 from .single_pass import ENGINE_CHOICES
 
 PEFT_TYPE = "TOKENTUNE"
@@ -58,11 +58,12 @@ class TokenTuneConfig(PeftConfig):
             ``TrainingArguments.seed`` (initialisation, data order, dropout) does not change positions.
         selection (`str` or callable): how positions are chosen: "uniform" (the paper's), "supervised"
             (labelled positions first), "importance" (sampled by the attention they receive in the
-            no-grad pass), or a function ``selector(batch, k, generator) -> selected_positions``; see
+            no-grad pass), "gradient" (sampled by the loss gradient they carry, measured in the no-grad
+            pass), or a function ``selector(batch, k, generator) -> selected_positions``; see
             :mod:`tokentune_peft.selection.strategies`.
         uniform_share (`float`): for "supervised", the share of the budget kept uniform over
-            unlabelled tokens; for "importance", the share of the sampling probability spread evenly.
-            Defaults to 0.2 for those two; not used by the others.
+            unlabelled tokens; for "importance" and "gradient", the share of the sampling probability
+            spread evenly. Defaults to 0.2 for those three; not used by the others.
         engine (`str`): how a step runs: "auto" (one pass where it can run, two passes otherwise),
             "single-pass" (an error where it cannot run) or "two-pass"; see :mod:`tokentune_peft.single_pass`.
         dense_top_layers (`int`): how many of the last transformer layers run every token with autograd
@@ -118,7 +119,8 @@ class TokenTuneConfig(PeftConfig):
     uniform_share: float | None = field(
         default=None,
         metadata={
-            "help": "'supervised': share of the budget drawn uniformly among unlabelled tokens; 'importance': "
+            "help": "'supervised': share of the budget drawn uniformly among unlabelled tokens; 'importance' and "
+            "'gradient': "
             f"share of the sampling probability spread evenly. In [0, 1]; {DEFAULT_UNIFORM_SHARE} if unset."
         },
     )
@@ -128,7 +130,8 @@ class TokenTuneConfig(PeftConfig):
         metadata={
             "help": f"How a training step runs: one of {ENGINE_CHOICES}. 'auto' runs every token's forward once "
             "(single pass) where it can, and two passes (a no-grad pass over all tokens, then the selected ones) "
-            "where it cannot: with selection='importance', under FSDP, or gradient checkpointing with dropout."
+            "where it cannot: with selection='importance' or 'gradient', under FSDP, or gradient checkpointing "
+            "with dropout."
         },
     )
 
@@ -155,6 +158,12 @@ class TokenTuneConfig(PeftConfig):
         count = self.dense_top_layers
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"`dense_top_layers` must be an integer >= 0; got {count!r}.")
+        if count and self.selection == "gradient":
+            raise ValueError(
+                "selection='gradient' scores positions from the no-grad pass's last hidden states, which "
+                f"`dense_top_layers` ({count}) leaves out (its top layers run in the grad pass only); "
+                "set dense_top_layers=0 or choose another selection."
+            )
         if isinstance(self.peft_config, dict):
             self.peft_config = LoraConfig(**self.peft_config)
         if self.peft_config is not None:
@@ -212,11 +221,10 @@ class TokenTuneConfig(PeftConfig):
                 f"selector(batch, k, generator); got {self.selection!r}."
             )
         share = self.uniform_share
-        if self.selection not in ("supervised", "importance"):
+        if self.selection not in WITH_UNIFORM_SHARE:
             if share is not None:
                 raise ValueError(
-                    "`uniform_share` applies to selection='supervised' or 'importance'; "
-                    f"got selection={self.selection!r}."
+                    f"`uniform_share` applies to selection in {WITH_UNIFORM_SHARE}; got selection={self.selection!r}."
                 )
             return
         if share is None:

@@ -5,7 +5,7 @@ strategy, :mod:`tokentune_peft.selection.strategies`):
 
 1. **Pass 1, no autograd, all tokens.** The model's backbone runs on the whole batch; every
    self-attention records its keys, values and mask (:mod:`tokentune_peft.attention`). The
-   "importance" strategy draws S only now, from attention scores measured during this pass.
+   "importance" and "gradient" strategies draw S only now, from scores measured during this pass.
 2. **Pass 2, autograd, selected tokens only.** The whole model runs on the tokens in S, with their
    own ids, original position ids and token types. In each self-attention the selected tokens' keys
    and values are written into the recorded ones, so the selected queries attend to every token under
@@ -362,7 +362,8 @@ class TokenTuneEngine:
 
     def _use_single_pass(self, model: nn.Module, drawn_in_forward: bool) -> bool:
         """Whether this step runs in a single pass; logs the engine when the choice changes."""
-        reason = single_pass_blocker(model, drawn_in_forward) if self.engine != TWO_PASS else "the config asks for it"
+        strategy = self.selector.strategy if drawn_in_forward else None
+        reason = single_pass_blocker(model, strategy) if self.engine != TWO_PASS else "the config asks for it"
         if reason is None:
             reason = self._single_pass_failure
         if reason is not None and self.engine == SINGLE_PASS:
@@ -398,7 +399,7 @@ class TokenTuneEngine:
 
     def _pass_one(self, model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator):
         """Pass 1 of the two-pass step (no autograd, all tokens), and the positions pass 2 runs: those
-        prepared, or drawn from the importance pass 1 measured ("importance").
+        prepared, or drawn from the scores pass 1 measured ("importance", "gradient").
 
         Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
         (per document in a packed batch)."""
@@ -411,14 +412,14 @@ class TokenTuneEngine:
         skip_top = skipping(step.dense.top, dense_inputs) if step.dense is not None else contextlib.nullcontext()
         with torch.no_grad(), skip_top:
             base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            model.base_model(
+            last_hidden = model.base_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=positions,
                 use_cache=False,
                 tokentune_step=step,
                 **base_inputs,
-            )
+            )[0]
         if step.dense is not None:
             step.dense.base = hidden_of(*dense_inputs[step.dense.first_dense])
         if step.num_recorded == 0 and (step.dense is None or step.dense.lower):
@@ -429,7 +430,8 @@ class TokenTuneEngine:
             )
         if observer is None:
             return step, prepared.selected_positions
-        selected = self.selector.sample(model, input_ids, real_tokens, labels, generator, observer.scores)
+        scores = self.selector.pass_one_scores(model, observer, last_hidden, labels)
+        selected = self.selector.sample(model, input_ids, real_tokens, labels, generator, scores)
         _check_head_selected(prepared.head_positions, selected)
         return step, selected
 

@@ -99,20 +99,21 @@ def _has_dropout(model: nn.Module) -> bool:
     return False
 
 
-def single_pass_blocker(model: nn.Module, selects_in_forward: bool) -> str | None:
-    """Why the single pass cannot run a step of ``model`` (a transformers model), or None if it can.
+def single_pass_blocker(model: nn.Module, drawn_in_forward: str | None) -> str | None:
+    """Why the single pass cannot run a step of ``model`` (a transformers model), or None if it can;
+    ``drawn_in_forward`` names the selection strategy that draws the step's positions in the forward, if any.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         ...                                      num_attention_heads=2, vocab_size=64))
-        >>> single_pass_blocker(model, selects_in_forward=False) is None
+        >>> single_pass_blocker(model, drawn_in_forward=None) is None
         True
-        >>> single_pass_blocker(model, selects_in_forward=True)
+        >>> single_pass_blocker(model, drawn_in_forward="importance")
         "selection 'importance' draws the positions from a full no-grad pass"
     """
-    if selects_in_forward:
-        return "selection 'importance' draws the positions from a full no-grad pass"
+    if drawn_in_forward is not None:
+        return f"selection {drawn_in_forward!r} draws the positions from a full no-grad pass"
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()):

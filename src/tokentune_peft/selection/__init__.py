@@ -1,10 +1,11 @@
 """Which tokens a TokenTune step selects.
 
 * :mod:`~tokentune_peft.selection.strategies`: the budget, the always-selected tokens and the strategy
-  ("uniform", "supervised", "importance" or a function), and :func:`build_selector`, which makes the
+  ("uniform", "supervised", "importance", "gradient" or a function), and :func:`build_selector`, which makes the
   selector a config asks for;
 * :mod:`~tokentune_peft.selection.sampling`: drawing and checking positions;
 * :mod:`~tokentune_peft.selection.importance`: the attention-based score "importance" samples by;
+* :mod:`~tokentune_peft.selection.gradient`: the loss-gradient score "gradient" samples by;
 * :mod:`~tokentune_peft.selection.labels`: which label each position carries, and the selected targets.
 """
 

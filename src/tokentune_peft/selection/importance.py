@@ -4,7 +4,8 @@ For ``selection="importance"``: in every self-attention of pass 1, the *reader* 
 the loss is read at) attend to all tokens; each token scores the attention it receives times the
 norm of its value vector, summed over heads and readers (the attention-norm measure of Kobayashi
 et al., EMNLP 2020, without the output projection, which discounts "sink" tokens that draw attention
-but contribute little). Each layer's scores are normalised to sum to 1 per row and added up.
+but contribute little). Each layer's scores are normalised to sum to 1 per row and added up. Each
+reader's part is kept apart, so that ``selection="gradient"`` can weight it by the reader's loss gradient.
 
 The extra work per layer is one [readers x tokens] attention-score product on keys pass 1 has
 already computed; at most :data:`MAX_READERS` readers per row keep it small.
@@ -38,7 +39,17 @@ class AttentionImportance:
 
     def __init__(self, readers: torch.Tensor) -> None:
         self.readers = readers
-        self.scores: torch.Tensor | None = None
+        #: [batch, r, seq]: each reader's share of the scores, summed over the layers seen so far.
+        self.reader_scores: torch.Tensor | None = None
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """[batch, seq]: every reader's contributions, normalised per layer, summed over the layers."""
+        return None if self.reader_scores is None else self.reader_scores.sum(dim=1)
+
+    def weighted_scores(self, reader_weights: torch.Tensor) -> torch.Tensor:
+        """[batch, seq]: as :attr:`scores`, with reader i's contributions multiplied by ``reader_weights[:, i]``."""
+        return (self.reader_scores * reader_weights[:, :, None]).sum(dim=1)
 
     def observe(self, query, key, value, mask, is_causal: bool, scaling) -> None:
         """Add one attention call's scores: query [B, H, N, D], key/value [B, H_kv, N, D]."""
@@ -56,6 +67,6 @@ class AttentionImportance:
             logits = logits.masked_fill(~allowed, -torch.inf)
         value_norms = value.float().norm(dim=-1).repeat_interleave(groups, dim=1)  # [B, H, N]
         contributions = logits.softmax(dim=-1) * value_norms[:, :, None, :]
-        layer = (contributions * valid[:, None, :, None]).sum(dim=(1, 2))  # [B, N]
-        layer = layer / layer.sum(dim=1, keepdim=True).clamp(min=torch.finfo(layer.dtype).tiny)
-        self.scores = layer if self.scores is None else self.scores + layer
+        layer = (contributions * valid[:, None, :, None]).sum(dim=1)  # [B, r, N]
+        layer = layer / layer.sum(dim=(1, 2), keepdim=True).clamp(min=torch.finfo(layer.dtype).tiny)
+        self.reader_scores = layer if self.reader_scores is None else self.reader_scores + layer

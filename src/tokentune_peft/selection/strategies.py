@@ -10,6 +10,10 @@ Strategies (``TokenTuneConfig(selection=...)``):
 * ``"importance"``: drawn without replacement with probability proportional to an attention-based
   score from pass 1 (:mod:`tokentune_peft.selection.importance`), mixed with ``uniform_share`` of uniform
   probability so every token keeps a chance. It is chosen inside the training forward;
+* ``"gradient"``: as "importance", with a score from the loss gradient each position carries: the norm
+  of its cross-entropy gradient at the logits where it has a label, and the attention of the labelled
+  positions weighted by theirs (:mod:`tokentune_peft.selection.gradient`). CAUSAL_LM and TOKEN_CLS; for
+  SEQ_CLS, whose only label sits on the always-selected head token, it equals "importance";
 * a callable ``selector(batch, k, generator) -> selected_positions`` (see :class:`TokenSelector`).
 
 Example: a custom selector that favours later tokens, and a model that trains with it.
@@ -41,6 +45,7 @@ import torch
 from peft.utils import TaskType
 from torch import nn
 
+from .gradient import gradient_scores, output_gradient_norms, output_head
 from .importance import MAX_READERS, AttentionImportance
 from .labels import IGNORE_INDEX, labels_per_position
 from .sampling import (
@@ -52,7 +57,11 @@ from .sampling import (
     validate_selected_positions,
 )
 
-SELECTION_STRATEGIES = ("uniform", "supervised", "importance")
+SELECTION_STRATEGIES = ("uniform", "supervised", "importance", "gradient")
+#: The strategies that draw positions inside the training forward, from pass 1's scores.
+DRAWN_IN_FORWARD = ("importance", "gradient")
+#: The strategies that keep a ``uniform_share``.
+WITH_UNIFORM_SHARE = ("supervised", *DRAWN_IN_FORWARD)
 #: A user's strategy: ``selector(batch, k, generator) -> selected_positions``.
 SelectorFunction = Callable[[dict, torch.Tensor, torch.Generator], torch.Tensor]
 Selection = str | SelectorFunction
@@ -69,14 +78,14 @@ class TokenSelector:
         is_decoder: whether the model's self-attention is causal (decides which token a
             classification head reads).
         selection_ratio / num_selected: the budget, exactly one set.
-        strategy: "uniform", "supervised", "importance" or a callable. The callable receives
+        strategy: "uniform", "supervised", "importance", "gradient" or a callable. The callable receives
             ``batch`` (a dict with ``input_ids``, ``attention_mask``, ``always_selected`` (bool
             [batch, seq]) and ``labels`` when the batch has them), ``k`` (LongTensor [batch], the
             number of positions each row must get, always-selected ones included) and the
             generator; it returns positions as :func:`~tokentune_peft.selection.sample_positions`
             does: a LongTensor [batch, max k], ascending per row, padded at the end with -1.
         uniform_share: "supervised": share of the budget drawn among unlabelled tokens;
-            "importance": share of the sampling probability spread evenly over the tokens.
+            "importance" and "gradient": share of the sampling probability spread evenly over the tokens.
 
     Example:
         >>> selector = TokenSelector("CAUSAL_LM", "none", True, None, 2, strategy="supervised", uniform_share=0.0)
@@ -96,7 +105,7 @@ class TokenSelector:
     @property
     def selects_in_forward(self) -> bool:
         """Whether positions can only be drawn inside the training forward (they need pass 1)."""
-        return self.strategy == "importance"
+        return self.strategy in DRAWN_IN_FORWARD
 
     def sample(
         self,
@@ -109,7 +118,8 @@ class TokenSelector:
     ) -> torch.Tensor:
         """Positions for a batch: [batch, k], ascending per row, -1 padded.
 
-        ``importance`` ([batch, seq], from :meth:`importance_meter`) is required by "importance".
+        ``importance`` ([batch, seq], from :meth:`pass_one_scores`) is required by the strategies drawn
+        in the forward ("importance", "gradient").
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -120,11 +130,11 @@ class TokenSelector:
         if self.strategy == "supervised" and self.task_type != TaskType.SEQ_CLS:
             supervised = self._supervised(labels, input_ids)
             return sample_with_quota(attention_mask, always, supervised, generator, self.uniform_share, **budget)
-        if self.strategy == "importance":
+        if self.selects_in_forward:
             if importance is None:
                 raise ValueError(
-                    "selection='importance' draws positions inside the training forward, from the no-grad pass; "
-                    "call the model in training mode instead of sampling ahead."
+                    f"selection={self.strategy!r} draws positions inside the training forward, from the no-grad "
+                    "pass; call the model in training mode instead of sampling ahead."
                 )
             return sample_positions(
                 attention_mask, always, generator, weights=self._mixed(importance, attention_mask), **budget
@@ -139,7 +149,7 @@ class TokenSelector:
     def importance_meter(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
     ) -> AttentionImportance:
-        """The pass-1 observer whose scores "importance" samples by; its readers are where the loss is read.
+        """The pass-1 observer of "importance" and "gradient"; its readers are where the loss is read.
 
         SEQ_CLS: the head's token. CAUSAL_LM / TOKEN_CLS: up to ``MAX_READERS`` labelled positions,
         evenly spread; a row without any (or a batch without labels) reads at its last real token.
@@ -153,6 +163,23 @@ class TokenSelector:
         unread = ~readers.any(dim=1)
         readers[rows[unread], last_real_positions(attention_mask)[unread]] = True
         return AttentionImportance(evenly_spaced(readers, MAX_READERS))
+
+    def pass_one_scores(
+        self, model: nn.Module, meter: AttentionImportance, hidden: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[batch, seq]: what a strategy drawn in the forward samples by, once pass 1 has run.
+
+        "importance": the meter's scores. "gradient": :func:`~tokentune_peft.selection.gradient.gradient_scores`
+        from the gradient norms of the labelled positions, computed from ``hidden`` (pass 1's last hidden
+        states) by the model's output head.
+        """
+        if self.strategy == "importance" or self.task_type == TaskType.SEQ_CLS:
+            return meter.scores
+        if labels is None:
+            raise ValueError(f"selection={self.strategy!r} needs the batch's `labels`.")
+        targets = labels_per_position(self.task_type, labels.to(hidden.device))
+        norms = output_gradient_norms(output_head(model, self.task_type), hidden, targets)
+        return gradient_scores(norms, meter)
 
     def always_selected(self, model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """[batch, seq] bool: the positions every selection of this batch includes."""
