@@ -273,14 +273,18 @@ def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: 
         use_cpu=True,
         bf16=False,  # SFTConfig's default; the CPU runs here are fp32
         gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     )
     curve = LearningCurve()
     start = time.perf_counter()
     trainer = build_trainer(
         study, sft_config, conversations(carved["train"], 0), conversations(carved["test"], 0), [curve]
     )
-    if checkpointing:
-        trainer.model.train()  # transformers checkpoints in training mode only: measure what training keeps
+    if checkpointing:  # the Trainer turns it on in train(); on now, so that the measured step checkpoints too
+        trainer.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=sft_config.gradient_checkpointing_kwargs
+        )
+        trainer.model.train()  # transformers checkpoints in training mode only
     memory = activation_mib(trainer)
     trainer.train()
     test_loss = trainer.evaluate(conversations(test, 0), metric_key_prefix="test")["test_loss"]
