@@ -44,7 +44,9 @@ def output_head(model: nn.Module, task_type: str) -> nn.Module:
     if task_type == TaskType.CAUSAL_LM:
         head = model.get_output_embeddings()
     else:
-        head = getattr(model, "classifier", None) or getattr(model, "score", None)
+        head = getattr(model, "classifier", None)
+        if head is None:  # a module's truth value is not its presence (a Sequential of length 0 is false)
+            head = getattr(model, "score", None)
     if not isinstance(head, nn.Module):
         raise ValueError(
             f"selection='gradient' needs the output head of {type(model).__name__} (task {task_type}) to score the "
