@@ -20,7 +20,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from tokentune_peft import TokenTuneConfig, saved_activation_bytes
+from tokentune_peft import TokenTuneConfig, keep_4bit_layers_trainable, saved_activation_bytes
 from tokentune_peft.cli.offline import load_chatterbot_pairs, smollm2_path
 from tokentune_peft.cli.train import hide_peft_deprecation_warning
 from tokentune_peft.memory import MIB
@@ -97,6 +97,7 @@ def build_trainer(
         "callbacks": callbacks,
     }
     if not study.tokentune:
+        keep_4bit_layers_trainable(model)  # plain QLoRA: get_peft_model of TokenTune does this otherwise
         return SFTTrainer(peft_config=lora, **options)
     config = TokenTuneConfig(
         task_type="CAUSAL_LM",
