@@ -57,13 +57,54 @@ def test_single_pass_gradient_matches_naive_definition_and_two_passes(arch, task
     batch = make_batch(model, task)
     selected = fixed_selection(batch, arch, task, model)
     two_pass_loss, two_pass_grads = step_with(model, batch, selected, "two-pass")
+    # The first single-pass step counts the model's attention calls; from the second on, the no-grad group
+    # stops after the last keys and values.
+    first_loss, first_grads = step_with(model, batch, selected, "single-pass")
+    assert engine_of(model)._attention_calls is not None
     model.zero_grad(set_to_none=True)
-    engine_of(model).engine = "single-pass"
     output = check_against_naive(model, batch, selected, task)
     assert engine_of(model).engine_used == "single-pass"
-    torch.testing.assert_close(output.loss, two_pass_loss, rtol=1e-6, atol=1e-6)
+    for loss, grads in ((first_loss, first_grads), (output.loss, trainable_grads(model))):
+        torch.testing.assert_close(loss, two_pass_loss, rtol=1e-6, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, two_pass_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_no_grad_group_stops_after_the_last_keys_and_values():
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    batch = make_batch(model, "CAUSAL_LM")
+    backbone = model.get_base_model().model
+    rows_seen = {"last mlp": [], "final norm": []}
+    for name, module in (("last mlp", backbone.layers[-1].mlp), ("final norm", backbone.norm)):
+        module.register_forward_hook(lambda module, args, output, name=name: rows_seen[name].append(output.shape[1]))
+    for step in range(2):
+        model(**batch).loss.backward()
+        assert engine_of(model).engine_used == "single-pass"
+        assert len(rows_seen["last mlp"]) == len(rows_seen["final norm"]) == (2 if step == 0 else 3), step
+    assert engine_of(model)._attention_calls == len(backbone.layers)
+    # The first step ran both groups through the whole backbone; the second only the grad group's rows.
+    selected_rows = rows_seen["final norm"][-1]
+    assert sorted(rows_seen["last mlp"][:2]) == sorted(rows_seen["final norm"][:2])
+    assert rows_seen["last mlp"][2] == selected_rows < batch["input_ids"].shape[1]
+
+
+def test_a_model_making_more_attention_calls_than_counted_falls_back_to_two_passes(caplog):
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    reference = copy.deepcopy(model)
+    batch = make_batch(model, "CAUSAL_LM")
+    selected = fixed_selection(batch, "llama", "CAUSAL_LM", model)
+    engine_of(model)._attention_calls = 1  # as if an earlier step had made one attention call
+    threads = threading.active_count()
+    with caplog.at_level(logging.WARNING, logger="tokentune_peft.engine"):
+        loss = model(**batch, selected_positions=selected).loss
+    loss.backward()
+    assert threading.active_count() == threads
+    assert engine_of(model).engine_used == "two-pass"
+    assert "more self-attention calls (2) than an earlier step of the model (1)" in caplog.text
+    expected, expected_grads = step_with(reference, batch, selected, "two-pass")
+    torch.testing.assert_close(loss.detach(), expected)
     for name, grad in trainable_grads(model).items():
-        torch.testing.assert_close(grad, two_pass_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, expected_grads[name], msg=name)
 
 
 def test_the_default_engine_is_the_single_pass_and_says_so(caplog):

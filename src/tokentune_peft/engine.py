@@ -156,6 +156,7 @@ class TokenTuneEngine:
     engine_used: str | None = field(default=None, init=False)
     engine_reason: str | None = field(default=None, init=False)
     _single_pass_failure: str | None = field(default=None, init=False, repr=False)
+    _attention_calls: int | None = field(default=None, init=False, repr=False)  # per forward, from a single pass
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -386,9 +387,15 @@ class TokenTuneEngine:
         full = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
         if token_type_ids is not None:
             full["token_type_ids"] = token_type_ids
-        step = SinglePassStep(input_ids.shape[1], selected_positions, dense=self._dense_top(input_ids.shape[1]))
+        dense = self._dense_top(input_ids.shape[1])
+        # With dense top layers the no-grad group already stops below them.
+        calls = self._attention_calls if dense is None else None
+        step = SinglePassStep(input_ids.shape[1], selected_positions, dense=dense, attention_calls=calls)
         try:
-            return step.run(model, full, grad_inputs, selected_inputs)
+            output = step.run(model, full, grad_inputs, selected_inputs)
+            if dense is None:
+                self._attention_calls = step.attended
+            return output
         except SinglePassUnsupported as error:
             if self.engine == SINGLE_PASS:
                 raise

@@ -22,6 +22,12 @@ window, packed documents), which the model builds from its inputs before its lay
 first layer starts (embeddings only). The groups' own calls then receive those masks in place of the
 ones they would build from their partial rows (:func:`tokentune_peft.attention.mask_hook`).
 
+Nothing reads the no-grad group's output: once it has handed over the keys and values of the last
+self-attention, the rest of its forward (that attention for its queries, the last layers' feed-forward,
+a pooler) would be wasted. From its second step on, the engine knows how many self-attention calls a
+forward makes (``attention_calls``, counted in the grad group's call), and the no-grad group stops there.
+Should the grad group reach one more, the step falls back to two passes rather than read stale keys.
+
 The no-grad group's queries attend in up to ``ATTENTION_BLOCKS`` blocks, each over the span of keys its
 mask allows, so a causal mask costs about half of its scores, as the stock causal kernel does. The grad
 group's attend in one call: in blocks, more bytes were kept for backward (1.058 x ideal, against 1.023).
@@ -242,10 +248,21 @@ class SinglePassStep(TokenTuneStep):
         seq_len: length N of the full sequences.
         selected_positions: [batch, k] positions of the grad group, -1 padded.
         dense: the step's dense top layers, if any.
+        attention_calls: self-attention calls of the model's forward, if known (an earlier step's
+            :attr:`attended`); the no-grad group stops once it has recorded the last one.
     """
 
-    def __init__(self, seq_len: int, selected_positions: torch.Tensor, dense: DenseTop | None = None) -> None:
+    def __init__(
+        self,
+        seq_len: int,
+        selected_positions: torch.Tensor,
+        dense: DenseTop | None = None,
+        attention_calls: int | None = None,
+    ) -> None:
         super().__init__(seq_len, dense=dense)
+        self.attention_calls = attention_calls
+        self.recorded = 0  # the no-grad group's attention calls so far
+        self.attended = 0  # the grad group's, in its forward
         self.select(selected_positions)
         self.rest = _Rows(complement_positions(selected_positions, seq_len))
         self.built_masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
@@ -312,6 +329,12 @@ class SinglePassStep(TokenTuneStep):
             self._record_rows(module, query, key, value, mask, kwargs, self._zeros)
         if not self.finished:  # (in backward, gradient checkpointing replays the grad group's layers)
             self._raise_no_grad_error()
+            self.attended += 1
+            if self.attended > self.recorded:
+                raise SinglePassUnsupported(
+                    f"The grad row group made more self-attention calls ({self.attended}) than an earlier step "
+                    f"of the model ({self.attention_calls}): the model's control flow depends on its inputs."
+                )
             if self._next_module is not module:
                 raise SinglePassUnsupported(
                     f"The two row groups reached different attention calls ({type(module).__name__}): the "
@@ -332,11 +355,14 @@ class SinglePassStep(TokenTuneStep):
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         self.record(module, query, spread(key), spread(value), mask, is_causal, kwargs.get("scaling"))
         self._next_module = module
+        self.recorded += 1
         return is_causal
 
     def _attend_no_grad(self, module, query, key, value, mask, over_all_keys, kwargs):
         spread = partial(self.rest.spread, seq_len=self.seq_len)
         is_causal = self._record_rows(module, query, key, value, mask, kwargs, spread)
+        if self.recorded == self.attention_calls:  # the last keys and values: nothing reads the rest
+            raise StopForward
         self._hand_over(GRAD, NO_GRAD)  # the grad group writes its rows into the recorded keys and values
         sdpa = over_all_keys is _sdpa_over_all_keys
         row_mask, blocks = self.rest.row_mask(mask, is_causal, self.seq_len, query.dtype, sdpa)
@@ -348,6 +374,9 @@ class SinglePassStep(TokenTuneStep):
 
     def _hand_over(self, to: str, me: str) -> None:
         """Give the turn to the other group and wait until it comes back (or the other group ends)."""
+        if me == GRAD and self._no_grad_done:  # it stopped after the last keys and values
+            self._raise_no_grad_error()
+            return
         with self._condition:
             self._turn = to
             self._condition.notify_all()
