@@ -7,6 +7,11 @@ the medians, the spread and the ratios to full fine-tuning go to a Markdown tabl
 
     python scripts/engine_benchmark.py --model llama-1024 --batch_size 4 --seq_len 512 --rounds 3
     python scripts/engine_benchmark.py --model llama-256 --vocab_size 1000 --optimizer sgd --rounds 7
+    python scripts/engine_benchmark.py --model minilm --batch_size 32 --seq_len 64 --rounds 15 --profile
+
+``--model minilm`` is the main job's model (all-MiniLM-L6-v2, offline, with a new two-label classification
+head; dropout 0.1 as it trains), ``bert-minilm`` a BERT of its shape with random weights. ``--profile`` adds,
+per setting, the operators that took the most time in one more step (``torch.profiler``, self CPU time).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from peft import get_peft_model
-from transformers import HfArgumentParser, LlamaForCausalLM
+from torch.profiler import ProfilerActivity, profile
+from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, LlamaForCausalLM
 
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
@@ -27,38 +33,82 @@ from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
 from study_utils import machine_description
 
 SETTINGS = ("full", "two-pass", "single-pass")
+BERT_MODELS = ("minilm", "bert-minilm")
+#: all-MiniLM-L6-v2's shape.
+MINILM_SIZES = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12)
+OPTIMIZERS = ("none", "sgd", "adamw")
 
 
 @dataclass
 class EngineBenchmarkArguments:
-    model: str = field(default="llama-1024", metadata={"help": f"A named config: {tuple(LLAMA_SIZES)}."})
-    vocab_size: int | None = field(default=None, metadata={"help": "Override the config's vocabulary size."})
+    model: str = field(default="llama-1024", metadata={"help": f"One of {(*LLAMA_SIZES, *BERT_MODELS)}."})
+    vocab_size: int | None = field(default=None, metadata={"help": "Override a Llama config's vocabulary size."})
+    dropout: float | None = field(
+        default=None, metadata={"help": "Override the model's dropout probabilities (hidden and attention)."}
+    )
     batch_size: int = field(default=4, metadata={"help": "Sequences per batch."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
     ratio: float = field(default=0.3, metadata={"help": "TokenTune selection ratio."})
     rounds: int = field(default=3, metadata={"help": "Timed rounds; each round times every setting once."})
     warmup: int = field(default=1, metadata={"help": "Untimed rounds first."})
-    optimizer: str = field(default="none", metadata={"help": "'none' (forward + backward only) or 'sgd'."})
+    optimizer: str = field(default="none", metadata={"help": f"One of {OPTIMIZERS} ('none': forward + backward)."})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads."})
+    profile: bool = field(default=False, metadata={"help": "Profile one more step per setting."})
     output_dir: str = field(default="outputs/engine_benchmark", metadata={"help": "Where results go."})
+
+    def __post_init__(self):
+        if self.model not in (*LLAMA_SIZES, *BERT_MODELS):
+            raise ValueError(f"`model` must be one of {(*LLAMA_SIZES, *BERT_MODELS)}; got {self.model!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}; got {self.optimizer!r}.")
+
+
+def build_model(args: EngineBenchmarkArguments) -> tuple[torch.nn.Module, str]:
+    """The stock model (seed 0) in the attention TokenTune runs on, and its task type."""
+    torch.manual_seed(0)
+    if args.model in LLAMA_SIZES:
+        overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+        if args.dropout is not None:
+            overrides["attention_dropout"] = args.dropout
+        return LlamaForCausalLM(llama_config(args.model, **overrides, attn_implementation="sdpa")), "CAUSAL_LM"
+    dropout = {} if args.dropout is None else {"hidden_dropout_prob": args.dropout}
+    if args.dropout is not None:
+        dropout["attention_probs_dropout_prob"] = args.dropout
+    if args.model == "minilm":
+        from tokentune_peft.cli.offline import minilm_path
+
+        model = BertForSequenceClassification.from_pretrained(
+            minilm_path(), num_labels=2, attn_implementation="sdpa", **dropout
+        )
+    else:
+        config = BertConfig(**MINILM_SIZES, num_labels=2, attn_implementation="sdpa", **dropout)
+        model = BertForSequenceClassification(config)
+    return model, "SEQ_CLS"
+
+
+def profile_table(step, setting: str, rows: int = 20) -> str:
+    """The operators of one more step of ``setting`` that took the most self CPU time."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step(setting)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"### {setting}\n\n```\n{table}\n```\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EngineBenchmarkArguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(args.threads)
-    overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
-    config = llama_config(args.model, **overrides, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = get_peft_model(
-        LlamaForCausalLM(config), TokenTuneConfig(selection_ratio=args.ratio, task_type="CAUSAL_LM")
-    ).train()
-    stock = model.get_base_model()
+    stock, task_type = build_model(args)
+    config = stock.config
+    model = get_peft_model(stock, TokenTuneConfig(selection_ratio=args.ratio, task_type=task_type)).train()
     engine = model.base_model.tokentune_engine
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    labels = input_ids if task_type == "CAUSAL_LM" else torch.randint(0, 2, (args.batch_size,), generator=generator)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=1e-6) if args.optimizer == "sgd" else None
+    optimizer = None
+    if args.optimizer != "none":
+        optimizer = (torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW)(parameters, lr=1e-6)
 
     def step(setting: str) -> float:
         start = time.perf_counter()
@@ -102,10 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     machine = machine_description("cpu") + f", {args.threads} threads"
     vocabulary = config.vocab_size
+    dropout = getattr(config, "hidden_dropout_prob", getattr(config, "attention_dropout", 0.0))
     lines = [
         f"{args.model} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} "
-        f"heads, vocabulary {vocabulary}), batch {args.batch_size} x {args.seq_len}, fp32, forward + backward"
-        f"{' + SGD step' if optimizer is not None else ''}, {args.rounds} round-robin rounds; {machine}.",
+        f"heads, vocabulary {vocabulary}, dropout {dropout:g}), batch {args.batch_size} x {args.seq_len}, fp32, "
+        f"forward + backward{f' + {args.optimizer} step' if optimizer is not None else ''}, {args.rounds} round-robin "
+        f"rounds; {machine}.",
         "",
         "| setting | median step (s) | min - max (s) | vs full | vs full, per round: min - max |",
         "|---|---:|---:|---:|---:|",
@@ -118,9 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = "\n".join(lines)
     print(report)
     os.makedirs(args.output_dir, exist_ok=True)
-    name = f"{args.model}-v{vocabulary}"
+    name = f"{args.model}-v{vocabulary}" + ("" if args.dropout is None else f"-dropout{args.dropout:g}")
     with open(os.path.join(args.output_dir, f"{name}.md"), "w") as handle:
         handle.write(report + "\n")
+    if args.profile:
+        with open(os.path.join(args.output_dir, f"{name}-profile.md"), "w") as handle:
+            handle.write("\n".join(profile_table(step, setting) for setting in SETTINGS))
     results = {"arguments": asdict(args), "machine": machine, "results": rows}
     with open(os.path.join(args.output_dir, f"{name}.json"), "w") as handle:
         json.dump(results, handle, indent=2)

@@ -62,9 +62,9 @@ class LearningCurve(TrainerCallback):
             self.points.append({"step": state.global_step, "train_seconds": self.train_seconds, **metrics})
 
 
-def run_setting(name: str, seed: int, config: str, overrides: list[str], curve: LearningCurve | None = None) -> dict:
-    """Train one recipe with overrides through ``tokentune-train``'s code; its results and wall time, and
-    its learning curve when ``curve`` is given."""
+def run_setting(name: str, seed: int, config: str, overrides: list[str], curve: TrainerCallback | None = None) -> dict:
+    """Train one recipe with overrides through ``tokentune-train``'s code; its results and wall time. ``curve``
+    (a :class:`LearningCurve`, or any callback) watches the training."""
     # Imported here: the recipes need `datasets`, which the benchmarks importing this module do not (the GPU
     # machine has none).
     from tokentune_peft.cli.recipes import parse_recipe
