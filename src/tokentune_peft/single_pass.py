@@ -27,6 +27,9 @@ self-attention, the rest of its forward (that attention for its queries, the las
 a pooler) would be wasted. From its second step on, the engine knows how many self-attention calls a
 forward makes (``attention_calls``, counted in the grad group's call), and the no-grad group stops there.
 Should the grad group reach one more, the step falls back to two passes rather than read stale keys.
+The first step runs the no-grad group to its end, then puts the random state back where a later step
+leaves it (dropout's draws past its last hand-over undone): every step leaves the random stream alike,
+and a run resumed from a checkpoint trains as the whole run.
 
 The no-grad group's queries attend in up to ``ATTENTION_BLOCKS`` blocks, each over the span of keys its
 mask allows, so a causal mask costs about half of its scores, as the stock causal kernel does. The grad
@@ -191,6 +194,18 @@ def _in_blocks(over_all_keys: Callable, blocks_of: Callable) -> Callable:
     return attend
 
 
+def _random_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator dropout draws from on ``device``."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_random_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 class _Rows:
     """The no-grad group's rows: positions ([batch, width], -1 padded) and their flat (row, slot) indices."""
 
@@ -273,6 +288,8 @@ class SinglePassStep(TokenTuneStep):
         self._condition = threading.Condition()
         self._no_grad_done = False
         self._error: BaseException | None = None
+        self._device: torch.device | None = None
+        self._random_state_after_last_hand_over: torch.Tensor | None = None
         self._aborted = False
         self._no_grad_thread: threading.Thread | None = None
 
@@ -364,6 +381,8 @@ class SinglePassStep(TokenTuneStep):
         if self.recorded == self.attention_calls:  # the last keys and values: nothing reads the rest
             raise StopForward
         self._hand_over(GRAD, NO_GRAD)  # the grad group writes its rows into the recorded keys and values
+        if self.attention_calls is None:  # where a later step will stop: see _run_no_grad
+            self._random_state_after_last_hand_over = _random_state(self._device)
         sdpa = over_all_keys is _sdpa_over_all_keys
         row_mask, blocks = self.rest.row_mask(mask, is_causal, self.seq_len, query.dtype, sdpa)
         attend = _in_blocks(over_all_keys, lambda _: blocks)
@@ -401,6 +420,11 @@ class SinglePassStep(TokenTuneStep):
         try:
             with torch.no_grad(), torch.autocast(**autocast), self.replay_masks():
                 backbone(**inputs, use_cache=False, tokentune_step=self)
+            # A first step runs the no-grad group to its end; later ones stop after the last keys and values.
+            # Undo the random numbers (dropout) drawn after its last hand-over, so that every step leaves the
+            # random stream where a later step would, and a run resumed from a checkpoint trains as the whole.
+            if self._random_state_after_last_hand_over is not None:
+                _set_random_state(self._device, self._random_state_after_last_hand_over)
         except (_Aborted, StopForward):
             pass
         except BaseException as error:  # handed to the grad group, which raises it
@@ -466,7 +490,8 @@ class SinglePassStep(TokenTuneStep):
         }
         no_grad_inputs["attention_mask"] = rest.valid.long()
         # Autocast is set per thread: the no-grad group computes in the caller's precision.
-        device = backbone_inputs["input_ids"].device.type
+        self._device = backbone_inputs["input_ids"].device
+        device = self._device.type
         autocast = {
             "device_type": device,
             "dtype": torch.get_autocast_dtype(device),
