@@ -43,6 +43,9 @@ OPTIMIZERS = ("none", "sgd", "adamw")
 class EngineBenchmarkArguments:
     model: str = field(default="llama-1024", metadata={"help": f"One of {(*LLAMA_SIZES, *BERT_MODELS)}."})
     vocab_size: int | None = field(default=None, metadata={"help": "Override a Llama config's vocabulary size."})
+    kv_heads: int | None = field(
+        default=None, metadata={"help": "Override a Llama config's key/value heads (its attention heads: MHA)."}
+    )
     dropout: float | None = field(
         default=None, metadata={"help": "Override the model's dropout probabilities (hidden and attention)."}
     )
@@ -68,6 +71,8 @@ def build_model(args: EngineBenchmarkArguments) -> tuple[torch.nn.Module, str]:
     torch.manual_seed(0)
     if args.model in LLAMA_SIZES:
         overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+        if args.kv_heads is not None:
+            overrides["num_key_value_heads"] = args.kv_heads
         if args.dropout is not None:
             overrides["attention_dropout"] = args.dropout
         return LlamaForCausalLM(llama_config(args.model, **overrides, attn_implementation="sdpa")), "CAUSAL_LM"
@@ -152,10 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     machine = machine_description("cpu") + f", {args.threads} threads"
     vocabulary = config.vocab_size
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
     dropout = getattr(config, "hidden_dropout_prob", getattr(config, "attention_dropout", 0.0))
     lines = [
         f"{args.model} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} "
-        f"heads, vocabulary {vocabulary}, dropout {dropout:g}), batch {args.batch_size} x {args.seq_len}, fp32, "
+        f"heads, {kv_heads} key/value heads, vocabulary {vocabulary}, dropout {dropout:g}), "
+        f"batch {args.batch_size} x {args.seq_len}, fp32, "
         f"forward + backward{f' + {args.optimizer} step' if optimizer is not None else ''}, {args.rounds} round-robin "
         f"rounds; {machine}.",
         "",
@@ -170,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = "\n".join(lines)
     print(report)
     os.makedirs(args.output_dir, exist_ok=True)
-    name = f"{args.model}-v{vocabulary}" + ("" if args.dropout is None else f"-dropout{args.dropout:g}")
+    name = f"{args.model}-v{vocabulary}" + ("" if args.kv_heads is None else f"-kv{args.kv_heads}")
+    name += ("" if args.dropout is None else f"-dropout{args.dropout:g}") + (
+        "" if optimizer is None else f"-{args.optimizer}"
+    )
     with open(os.path.join(args.output_dir, f"{name}.md"), "w") as handle:
         handle.write(report + "\n")
     if args.profile:

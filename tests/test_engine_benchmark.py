@@ -15,12 +15,12 @@ def test_engine_benchmark_times_three_settings_and_profiles_them(tmp_path):
         + ["--dropout", "0.1", "--threads", "1", "--profile", "--output_dir", str(tmp_path)]
     )
 
-    results = json.loads((tmp_path / "bert-minilm-v30522-dropout0.1.json").read_text())
+    results = json.loads((tmp_path / "bert-minilm-v30522-dropout0.1-adamw.json").read_text())
     rows = {row["setting"]: row for row in results["results"]}
     assert list(rows) == ["full", "TokenTune 0.3 two-pass", "TokenTune 0.3 single-pass"]
     assert all(len(row["all_s"]) == 2 and row["median_s"] > 0 for row in rows.values())
-    assert "dropout 0.1" in (tmp_path / "bert-minilm-v30522-dropout0.1.md").read_text()
-    profile = (tmp_path / "bert-minilm-v30522-dropout0.1-profile.md").read_text()
+    assert "dropout 0.1" in (tmp_path / "bert-minilm-v30522-dropout0.1-adamw.md").read_text()
+    profile = (tmp_path / "bert-minilm-v30522-dropout0.1-adamw-profile.md").read_text()
     assert profile.count("### ") == 3 and "aten::" in profile
 
 
