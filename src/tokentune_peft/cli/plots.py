@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 
@@ -27,7 +28,8 @@ def save_figure(figure: Any, path: str, caption: str | None = None) -> str:
     import matplotlib.pyplot as plt
 
     if caption:
-        figure.suptitle(caption, fontsize=8)
+        # Wrapped to the figure's width: a caption of one long line runs off both edges.
+        figure.suptitle(textwrap.fill(caption, width=int(16 * figure.get_figwidth())), fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
