@@ -348,9 +348,10 @@ class SinglePassStep(TokenTuneStep):
             self._raise_no_grad_error()
             self.attended += 1
             if self.attended > self.recorded:
+                counted_by = "the no-grad row group" if self.attention_calls is None else "an earlier step of the model"
                 raise SinglePassUnsupported(
-                    f"The grad row group made more self-attention calls ({self.attended}) than an earlier step "
-                    f"of the model ({self.attention_calls}): the model's control flow depends on its inputs."
+                    f"The grad row group made more self-attention calls ({self.attended}) than {counted_by} "
+                    f"({self.recorded}): the model's control flow depends on its inputs."
                 )
             if self._next_module is not module:
                 raise SinglePassUnsupported(
