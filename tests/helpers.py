@@ -206,12 +206,20 @@ def assert_same_grads(engine_model, reference_model, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol, msg=name)
 
 
-def check_against_naive(model, batch, selected, task, loss_tolerance=(1e-5, 1e-6), grad_tolerance=(1e-4, 1e-6)):
-    """Run one TokenTune step and the naive definition on a copy; losses and gradients must agree."""
+def check_against_naive(
+    model, batch, selected, task, loss_tolerance=(1e-5, 1e-6), grad_tolerance=(1e-4, 1e-6), naive_batch=None
+):
+    """Run one TokenTune step and the naive definition on a copy; losses and gradients must agree.
+
+    ``naive_batch`` (default: ``batch``) is what the naive definition runs on: a copy whose leaves get their
+    own gradients."""
     naive = copy.deepcopy(model).get_base_model()
     output = model(**batch, selected_positions=selected)
     output.loss.backward()
-    expected = naive_tokentune_loss(naive, batch, selected, task, model.base_model.tokentune_config.dense_top_layers)
+    dense_top_layers = model.base_model.tokentune_config.dense_top_layers
+    expected = naive_tokentune_loss(
+        naive, batch if naive_batch is None else naive_batch, selected, task, dense_top_layers
+    )
     expected.backward()
     rtol, atol = loss_tolerance
     torch.testing.assert_close(output.loss, expected, rtol=rtol, atol=atol)

@@ -1,7 +1,8 @@
 """An independent, naive implementation of the TokenTune gradient, for the tests.
 
 It runs the stock model on the full sequence, with:
-1. every transformer layer's input detached at rows outside S (a forward pre-hook on each layer);
+1. every transformer layer's input detached at rows outside S (a forward pre-hook on each layer), so
+   what computes the first layer's input (embeddings, ``inputs_embeds``) gets the gradient of S's rows;
 2. inside every self-attention, keys and values of positions outside S detached (an attention
    function that wraps transformers' own sdpa), under the model's own masks;
 3. the loss taken on positions in S only; for mixture-of-experts models that return router logits,
@@ -31,7 +32,7 @@ def _detach_outside(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def _naive_attention(module, query, key, value, attention_mask, **kwargs):
     if module in _current_selection["dense_modules"]:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-    keep = _current_selection["mask"][:, None, :, None]  # [B, 1, N, 1] over [B, heads, N, D]
+    keep = selection_mask(_current_selection["positions"], key.shape[2])[:, None, :, None]  # over [B, heads, N, D]
     key, value = _detach_outside(key, keep), _detach_outside(value, keep)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
@@ -42,10 +43,11 @@ def _register_naive_attention() -> None:
 
 
 def _detach_layer_input(module, args, kwargs):
-    keep = _current_selection["mask"][..., None]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    keep = selection_mask(_current_selection["positions"], hidden.shape[1])[..., None]
     if args:
-        return (_detach_outside(args[0], keep), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": _detach_outside(kwargs["hidden_states"], keep)}
+        return (_detach_outside(hidden, keep), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": _detach_outside(hidden, keep)}
 
 
 def selection_mask(selected_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -58,13 +60,14 @@ def selection_mask(selected_positions: torch.Tensor, seq_len: int) -> torch.Tens
 def naive_tokentune_loss(
     model: nn.Module, batch: dict, selected_positions: torch.Tensor, task: str, dense_top_layers: int = 0
 ):
-    """Loss of the naive definition; ``model`` is a transformers model (with or without LoRA layers)."""
+    """Loss of the naive definition; ``model`` is a transformers model (with or without LoRA layers).
+
+    The batch may bring ``input_ids``, ``inputs_embeds`` or ``pixel_values``: the selection applies to the
+    sequence each transformer layer receives."""
     _register_naive_attention()
-    seq_len = batch["input_ids"].shape[1]
-    in_s = selection_mask(selected_positions, seq_len)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     below = len(layers) - dense_top_layers
-    _current_selection["mask"] = in_s
+    _current_selection["positions"] = selected_positions
     _current_selection["dense_modules"] = {m for layer in layers[below:] for m in layer.modules()}
     previous = model.config._attn_implementation
     model.config._attn_implementation = "naive_tokentune"
@@ -81,6 +84,7 @@ def naive_tokentune_loss(
             hook.remove()
         model.config._attn_implementation = previous
     labels = batch["labels"]
+    in_s = selection_mask(selected_positions, labels.shape[1])
     if task == "CAUSAL_LM":
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     targets = torch.where(in_s, labels, torch.full_like(labels, -100))

@@ -147,12 +147,6 @@ def test_labels_of_the_wrong_shape_raise():
         model(**batch | {"labels": batch["labels"][:, :-1]})
 
 
-def test_inputs_embeds_raise_in_a_training_step():
-    model = get_peft_model(build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM"))
-    with pytest.raises(ValueError, match="input_ids"):
-        model(inputs_embeds=torch.randn(1, 4, 64))
-
-
 def test_no_supervised_token_selected_gives_zero_loss_and_gradient():
     model = get_peft_model(
         build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM", peft_config=LoraConfig(r=4))

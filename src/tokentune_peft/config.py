@@ -45,6 +45,8 @@ class TokenTuneConfig(PeftConfig):
     ``peft_config``; leave ``peft_config`` unset to train all weights.
 
     Args:
+        task_type (`str`): "CAUSAL_LM", "SEQ_CLS" or "TOKEN_CLS". An image classifier fed ``pixel_values``
+            trains with "SEQ_CLS", which also adds its head to LoRA's ``modules_to_save``.
         selection_ratio (`float`): share of each sequence's real tokens to select, in (0, 1];
             k = ceil(ratio x tokens). Defaults to 0.3 when `num_selected` is unset.
         num_selected (`int`): a fixed number k of tokens per sequence instead of a ratio.
@@ -149,7 +151,10 @@ class TokenTuneConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if self.task_type not in SUPPORTED_TASK_TYPES:
             allowed = ", ".join(repr(str(t)) for t in SUPPORTED_TASK_TYPES)
-            raise ValueError(f"`task_type` must be one of {allowed}; got {self.task_type!r}.")
+            raise ValueError(
+                f"`task_type` must be one of {allowed}; got {self.task_type!r}. An image classifier trains with "
+                "'SEQ_CLS' (without a task type, peft's PeftModel would call the model around TokenTune's step)."
+            )
         self._check_budget()
         self._check_always_select()
         self._check_selection()

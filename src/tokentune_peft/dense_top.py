@@ -109,14 +109,16 @@ class DenseTop:
 
     Args:
         layers: the model's transformer layers (:func:`transformer_layers`).
-        count: how many of the last ones are dense (>= 1).
+        count: how many of the last ones are dense. 0 in a step on a sequence the model builds itself
+            (:mod:`tokentune_peft.vision`): the grad call is then the stock call on the whole batch, whose
+            first layer takes the selected rows, and every layer is token-selective.
         seq_len: length N of the full sequences.
     """
 
     def __init__(self, layers: list[nn.Module], count: int, seq_len: int) -> None:
         self.lower = layers[: len(layers) - count]
         self.top = layers[len(layers) - count :]
-        self.first_dense = self.top[0]
+        self.first_dense = self.top[0] if self.top else None
         self.top_modules = {module for layer in self.top for module in layer.modules()}
         self.seq_len = seq_len
         self.phase = IDLE
@@ -131,21 +133,23 @@ class DenseTop:
 
     def layer_inputs(self, step: Any, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """What ``layer`` runs on instead of ``(args, kwargs)`` (None: unchanged) in the call that carries
-        gradient: the layers below the top run the selected rows as in a call on the selected tokens, and the
-        first dense layer every row. ``step`` gives the selected positions (``batch_index``, ``slot_index``,
+        gradient: the layers below the top run the selected rows as in a call on the selected tokens (with
+        their own arguments where none were recorded: layers that take no per-token ones), and the first
+        dense layer every row. ``step`` gives the selected positions (``batch_index``, ``slot_index``,
         ``positions``).
         """
         if self.phase != RUN:
             return None
         hidden = hidden_of(args, kwargs)
-        if layer is (self.lower[0] if self.lower else self.first_dense):  # the whole batch's embeddings
+        first = layer is (self.lower[0] if self.lower else self.first_dense)
+        if first:  # the whole batch's embeddings
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], step.positions]
         if layer in self.lower_inputs:
             selected_args, selected_kwargs = self.lower_inputs[layer]
             return with_hidden(selected_args, {**selected_kwargs, "tokentune_step": step}, hidden)
         if layer is self.first_dense:
             return with_hidden(args, kwargs, self._every_row(step, hidden))
-        return None
+        return with_hidden(args, kwargs, hidden) if first else None
 
     def _every_row(self, step: Any, selected: torch.Tensor) -> torch.Tensor:
         """[B, N, H]: the selected rows (with gradient) written over :attr:`base`. Indexing by (row, position)

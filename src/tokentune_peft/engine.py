@@ -41,9 +41,11 @@ from .attention import TokenTuneStep
 from .dense_top import RUN, DenseTop, hidden_of, record_lower_layer_inputs, skipping
 from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX, selected_targets
-from .selection.sampling import PAD_POSITION, validate_selected_positions
+from .selection.sampling import PAD_POSITION, gather_positions, validate_selected_positions
 from .selection.strategies import TokenSelector
 from .single_pass import SINGLE_PASS, TWO_PASS, SinglePassStep, SinglePassUnsupported, single_pass_blocker
+from .vision import IMAGE_INPUTS, first_layer_input
+from .vision import TWO_PASS_REASON as IMAGE_TWO_PASS_REASON
 
 logger = logging.getLogger(__name__)
 
@@ -168,17 +170,19 @@ class TokenTuneEngine:
     def prepare(
         self,
         model: nn.Module,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         selected_positions: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> PreparedBatch:
         """Check a batch and choose its positions (unless the strategy draws them in the forward).
 
         The one place where a batch's positions, head tokens, selected targets and counts are decided:
         the training forward calls it, and so does the Trainer before the forward, to count the
-        selected supervised tokens. ``generator`` defaults to :attr:`generator`.
+        selected supervised tokens. The batch comes as ``input_ids`` or as ``inputs_embeds``.
+        ``generator`` defaults to :attr:`generator`.
 
         Example:
             >>> from tokentune_peft.selection import TokenSelector
@@ -187,15 +191,24 @@ class TokenTuneEngine:
             >>> prepared.selected_positions.shape, prepared.num_selected, prepared.num_real
             (torch.Size([1, 2]), 2, 4)
         """
-        real_tokens = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        sequence = input_ids if input_ids is not None else inputs_embeds
+        if attention_mask is None:
+            attention_mask = torch.ones(sequence.shape[:2], dtype=torch.long, device=sequence.device)
+        real_tokens = attention_mask
         head = self.selector.head_positions(model, input_ids, real_tokens)
+        if head is not None and input_ids is None and self.selector.is_decoder and not real_tokens.all():
+            raise ValueError(
+                "A decoder's classification head given `inputs_embeds` reads the last position of every row, as "
+                "transformers' heads do, so a padded batch (attention_mask with zeros) would be read at padding; "
+                "pass `input_ids`, or batches without padding."
+            )
         if head is not None and not real_tokens.gather(1, head[:, None]).all():
             raise ValueError(
                 f"The classification head reads positions {head.tolist()}, and some are padding "
                 "(attention_mask == 0); pad encoder inputs on the right."
             )
         if selected_positions is not None:
-            selected_positions = selected_positions.to(input_ids.device)
+            selected_positions = selected_positions.to(sequence.device)
             validate_selected_positions(selected_positions, real_tokens)
         elif not self.selector.selects_in_forward:
             generator = self.generator if generator is None else generator
@@ -220,9 +233,14 @@ class TokenTuneEngine:
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         trainer_generator: torch.Generator | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ModelOutput:
         """One TokenTune step of ``model`` (a transformers model) on a batch.
+
+        The batch comes as ``input_ids`` or as ``inputs_embeds`` (embeddings computed outside the model,
+        soft prompts): the selected rows of ``inputs_embeds`` enter the selected tokens' call, so a tensor
+        that requires grad gets the gradient of the selected rows.
 
         ``attention_mask`` may be None, as in packed batches whose ``position_ids`` restart at 0 per
         document: pass 1 then builds the model's own per-document mask. ``trainer_generator`` is handed
@@ -231,43 +249,42 @@ class TokenTuneEngine:
         keywords (``num_items_in_batch``, ``output_router_logits``, TRL's ``fused_lm_head``...) reach the
         model's forward in pass 2, which computes its own loss on the selected slots.
         """
-        self._check_inputs(input_ids, attention_mask, labels, kwargs)
+        if input_ids is None and inputs_embeds is None and kwargs.get("pixel_values") is not None:
+            return self._image_step(model, labels, selected_positions, trainer_generator, kwargs)
+        tokens = self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, kwargs)
         kwargs.pop("use_cache", None)
         drop_varlen_boundaries(kwargs, position_ids)
         if selected_positions is None and not self.dense_top_layers:  # drawn here: the count cannot be over them
             self._check_loss_count(trainer_generator is not None, kwargs)
         generator = self.generator if trainer_generator is None else trainer_generator
-        prepared = self.prepare(model, input_ids, attention_mask, labels, selected_positions, generator)
-        positions = self._full_position_ids(model, input_ids, position_ids)
+        prepared = self.prepare(model, input_ids, attention_mask, labels, selected_positions, generator, inputs_embeds)
+        positions = self._full_position_ids(model, tokens, position_ids)
+        backbone_inputs = {**tokens, "attention_mask": attention_mask, "position_ids": positions}
+        if token_type_ids is not None:
+            backbone_inputs["token_type_ids"] = token_type_ids
         single_pass = self._use_single_pass(model, drawn_in_forward=prepared.selected_positions is None)
         step, selected_positions = None, prepared.selected_positions
+        dense = self._dense_top(positions.shape[1])
         if not single_pass:
-            step, selected_positions = self._pass_one(
-                model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
-            )
-        selected_inputs = self._selected_inputs(model, input_ids, positions, token_type_ids, selected_positions)
+            step, selected_positions = self._pass_one(model, backbone_inputs, labels, prepared, generator, dense)
+        selected_inputs = self._selected_inputs(model, backbone_inputs, selected_positions)
         supervised = True
         if self.dense_top_layers:  # the stock call on the whole batch; the layers below the top take the selected rows
-            grad_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
-            grad_inputs["use_cache"] = False
-            for name, value in (("token_type_ids", token_type_ids), ("labels", labels)):
-                if value is not None:
-                    grad_inputs[name] = value
+            grad_inputs = {**backbone_inputs, "use_cache": False}
+            if labels is not None:
+                grad_inputs["labels"] = labels
         else:
             drawn_in_forward = prepared.selected_positions is None
             targets = self._targets(labels, selected_positions) if drawn_in_forward else prepared.targets
             grad_inputs, supervised = self._with_targets(selected_inputs, targets, kwargs)
         output = None
         if single_pass:  # None if the single pass gave up on this model
-            backbone_inputs = (input_ids, attention_mask, token_type_ids, positions)
             output = self._single_pass(
                 model, backbone_inputs, selected_positions, {**grad_inputs, **kwargs}, selected_inputs
             )
         if output is None:
             if step is None:
-                step, _ = self._pass_one(
-                    model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator
-                )
+                step, _ = self._pass_one(model, backbone_inputs, labels, prepared, generator, dense)
             step.select(selected_positions)
             if step.dense is not None:
                 record_lower_layer_inputs(model.base_model, step.dense, selected_inputs, step)
@@ -277,31 +294,41 @@ class TokenTuneEngine:
             output["loss"] = output["logits"].sum() * 0.0
         return with_selected_positions(output, selected_positions)
 
+    def _image_step(self, model, labels, selected_positions, trainer_generator, kwargs: dict) -> ModelOutput:
+        """A step of an image classifier fed ``pixel_values`` (:mod:`tokentune_peft.vision`): two passes, the
+        grad call being the stock call on the whole batch, whose first layer takes the selected rows."""
+        if self.engine == SINGLE_PASS:
+            raise ValueError(f"TokenTuneConfig(engine={SINGLE_PASS!r}) cannot run this step: {IMAGE_TWO_PASS_REASON}.")
+        self._announce(TWO_PASS, IMAGE_TWO_PASS_REASON)
+        generator = self.generator if trainer_generator is None else trainer_generator
+        backbone_inputs = {name: kwargs[name] for name in IMAGE_INPUTS if name in kwargs}
+        sequence = first_layer_input(model.base_model, backbone_inputs)
+        prepared = self.prepare(model, None, None, labels, selected_positions, generator, inputs_embeds=sequence)
+        dense = DenseTop(self.layers, self.dense_top_layers, sequence.shape[1])
+        step, selected_positions = self._pass_one(model, backbone_inputs, labels, prepared, generator, dense)
+        step.select(selected_positions)
+        dense.phase = RUN
+        output = model(**kwargs, labels=labels, tokentune_step=step)
+        return with_selected_positions(output, selected_positions)
+
     def _targets(self, labels: torch.Tensor | None, selected_positions: torch.Tensor | None) -> torch.Tensor | None:
         if labels is None or (selected_positions is None and self.task_type != TaskType.SEQ_CLS):
             return None
         return selected_targets(self.task_type, labels, selected_positions)
 
     @staticmethod
-    def _selected_inputs(model, input_ids, positions, token_type_ids, selected_positions) -> dict:
-        """The inputs of a call of ``model`` on the selected tokens: their ids, original positions and types."""
+    def _selected_inputs(model, backbone_inputs: dict, selected_positions) -> dict:
+        """The inputs of a call of ``model`` on the selected tokens: their ids (or embeddings), original
+        positions and types."""
         valid = selected_positions != PAD_POSITION
-        slots = selected_positions.clamp(min=0)
-        batch, seq_len = input_ids.shape
-        selected_ids = input_ids.gather(1, slots)
+        inputs = gather_positions(backbone_inputs, selected_positions)
         pad_id = getattr(model.config, "pad_token_id", None)
-        if pad_id is not None:  # a decoder classification head reads the last non-pad token of the slots
-            selected_ids = selected_ids.masked_fill(~valid, pad_id)
-        inputs = {
-            "input_ids": selected_ids,
-            # Which slots hold a token. The selected queries' attention uses the recorded masks; this one is
-            # for what the model computes per token, such as an MoE router's load-balancing loss.
-            "attention_mask": valid.long(),
-            "position_ids": positions.gather(1, slots),
-            "use_cache": False,
-        }
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids.expand(batch, seq_len).gather(1, slots)
+        if "input_ids" in inputs and pad_id is not None:  # a decoder classification head reads the last non-pad slot
+            inputs["input_ids"] = inputs["input_ids"].masked_fill(~valid, pad_id)
+        # Which slots hold a token. The selected queries' attention uses the recorded masks; this one is
+        # for what the model computes per token, such as an MoE router's load-balancing loss.
+        inputs["attention_mask"] = valid.long()
+        inputs["use_cache"] = False
         return inputs
 
     def _with_targets(self, selected_inputs: dict, targets: torch.Tensor | None, kwargs: dict) -> tuple[dict, bool]:
@@ -317,26 +344,32 @@ class TokenTuneEngine:
                     kwargs["num_items_in_batch"] = 1  # a sum over no terms: zero loss, not 0 / 0
         return inputs, supervised
 
-    def _check_inputs(self, input_ids, attention_mask, labels, kwargs: dict) -> None:
-        if input_ids is None:
-            raise ValueError("A TokenTune training step needs `input_ids`; `inputs_embeds` is not supported.")
-        for name in ("past_key_values", "encoder_hidden_states", "shift_labels"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"A TokenTune training step does not take `{name}`. {UNSUPPORTED_INPUTS[name]}")
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, labels, kwargs: dict) -> dict:
+        """Check a step's inputs; returns the batch's tokens: ``{"input_ids": ...}`` or ``{"inputs_embeds": ...}``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("A TokenTune training step needs exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is not None and inputs_embeds.dim() != 3:
+            raise ValueError(
+                f"`inputs_embeds` must be [batch, sequence, hidden]; got shape {tuple(inputs_embeds.shape)}."
+            )
+        name, sequence = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        shape = tuple(sequence.shape[:2])
+        for unsupported, why in UNSUPPORTED_INPUTS.items():
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"A TokenTune training step does not take `{unsupported}`. {why}")
         if self.dense_top_layers and kwargs.get("output_router_logits"):
             raise ValueError(
                 "`output_router_logits=True` cannot be combined with `dense_top_layers`: the router's load-balancing "
                 "loss would mix the selected tokens of the layers below with every token of the top layers."
             )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        if attention_mask is not None and tuple(attention_mask.shape) != shape:
             raise ValueError(
-                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; "
+                f"`attention_mask` must have the [batch, sequence] shape of `{name}` {shape}; "
                 f"got {tuple(attention_mask.shape)}."
             )
-        if labels is not None and labels.dim() == 2 and labels.shape != input_ids.shape:
-            raise ValueError(
-                f"`labels` of shape {tuple(labels.shape)} do not match `input_ids` {tuple(input_ids.shape)}."
-            )
+        if labels is not None and labels.dim() == 2 and tuple(labels.shape) != shape:
+            raise ValueError(f"`labels` of shape {tuple(labels.shape)} do not match `{name}` {shape}.")
+        return {name: sequence}
 
     def _check_loss_count(self, counted_by_trainer: bool, kwargs: dict) -> None:
         """Refuse a caller whose loss count cannot be over the selected tokens.
@@ -381,18 +414,15 @@ class TokenTuneEngine:
     def _dense_top(self, seq_len: int) -> DenseTop | None:
         return DenseTop(self.layers, self.dense_top_layers, seq_len) if self.dense_top_layers else None
 
-    def _single_pass(self, model, backbone_inputs: tuple, selected_positions, grad_inputs: dict, selected_inputs):
+    def _single_pass(self, model, backbone_inputs: dict, selected_positions, grad_inputs: dict, selected_inputs):
         """The grad group's output of a single-pass step, or None if the model cannot run one."""
-        input_ids, attention_mask, token_type_ids, positions = backbone_inputs
-        full = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
-        if token_type_ids is not None:
-            full["token_type_ids"] = token_type_ids
-        dense = self._dense_top(input_ids.shape[1])
+        seq_len = backbone_inputs["position_ids"].shape[1]
+        dense = self._dense_top(seq_len)
         # With dense top layers the no-grad group already stops below them.
         calls = self._attention_calls if dense is None else None
-        step = SinglePassStep(input_ids.shape[1], selected_positions, dense=dense, attention_calls=calls)
+        step = SinglePassStep(seq_len, selected_positions, dense=dense, attention_calls=calls)
         try:
-            output = step.run(model, full, grad_inputs, selected_inputs)
+            output = step.run(model, backbone_inputs, grad_inputs, selected_inputs)
             if dense is None:
                 self._attention_calls = step.attended
             return output
@@ -404,30 +434,24 @@ class TokenTuneEngine:
             self._announce(TWO_PASS, str(error))
             return None
 
-    def _pass_one(self, model, input_ids, attention_mask, positions, token_type_ids, labels, prepared, generator):
+    def _pass_one(self, model, backbone_inputs: dict, labels, prepared, generator, dense: DenseTop | None):
         """Pass 1 of the two-pass step (no autograd, all tokens), and the positions pass 2 runs: those
         prepared, or drawn from the scores pass 1 measured ("importance", "gradient").
 
         Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
         (per document in a packed batch)."""
         real_tokens = prepared.real_tokens
+        input_ids = backbone_inputs.get("input_ids")
+        seq_len = real_tokens.shape[1]
         observer = None
         if prepared.selected_positions is None:
             observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
-        step = TokenTuneStep(input_ids.shape[1], observer=observer, dense=self._dense_top(input_ids.shape[1]))
+        step = TokenTuneStep(seq_len, observer=observer, dense=dense)
         dense_inputs: dict = {}  # with dense top layers, pass 1 skips them, keeping the first one's input
         skip_top = skipping(step.dense.top, dense_inputs) if step.dense is not None else contextlib.nullcontext()
         with torch.no_grad(), skip_top:
-            base_inputs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            last_hidden = model.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                use_cache=False,
-                tokentune_step=step,
-                **base_inputs,
-            )[0]
-        if step.dense is not None:
+            last_hidden = model.base_model(**backbone_inputs, use_cache=False, tokentune_step=step)[0]
+        if step.dense is not None and step.dense.top:
             step.dense.base = hidden_of(*dense_inputs[step.dense.first_dense])
         if step.num_recorded == 0 and (step.dense is None or step.dense.lower):
             raise RuntimeError(
@@ -443,9 +467,10 @@ class TokenTuneEngine:
         return step, selected
 
     @staticmethod
-    def _full_position_ids(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None):
+    def _full_position_ids(model: nn.Module, tokens: dict, position_ids: torch.Tensor | None):
         """Position ids of every token, as the model would compute them when none are given."""
-        batch, seq_len = input_ids.shape
+        ((name, sequence),) = tokens.items()
+        batch, seq_len = sequence.shape[:2]
         if position_ids is not None:
             if position_ids.shape[-1] != seq_len:
                 raise ValueError(
@@ -453,7 +478,7 @@ class TokenTuneEngine:
                 )
             return position_ids.expand(batch, seq_len)
         embeddings = getattr(model.base_model, "embeddings", None)
-        from_ids = getattr(type(embeddings), "create_position_ids_from_input_ids", None)
-        if from_ids is not None:  # RoBERTa family: positions skip padding and start after padding_idx
-            return from_ids(input_ids, embeddings.padding_idx)
-        return torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
+        from_tokens = getattr(type(embeddings), f"create_position_ids_from_{name}", None)
+        if from_tokens is not None:  # RoBERTa family: positions skip padding and start after padding_idx
+            return from_tokens(sequence, embeddings.padding_idx)
+        return torch.arange(seq_len, device=sequence.device).expand(batch, seq_len)

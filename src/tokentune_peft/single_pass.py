@@ -56,7 +56,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import TokenTuneStep, _sdpa_over_all_keys, allowed_keys, mask_hook
 from .dense_top import RUN, DenseTop, StopForward, hidden_of, record_lower_layer_inputs
-from .selection.sampling import PAD_POSITION
+from .selection.sampling import PAD_POSITION, gather_positions
 
 SINGLE_PASS = "single-pass"
 TWO_PASS = "two-pass"
@@ -447,9 +447,10 @@ class SinglePassStep(TokenTuneStep):
     ) -> Any:
         """Probe the masks, then run both groups; returns the grad group's output (``model(**grad_inputs)``).
 
-        ``backbone_inputs`` hold the whole batch's ``input_ids``, ``attention_mask`` (None included),
-        ``position_ids`` and, if any, ``token_type_ids``. With dense top layers, ``grad_inputs`` are the
-        whole batch's too, and ``selected_inputs`` the selected tokens' (for the selected probe).
+        ``backbone_inputs`` hold the whole batch's ``input_ids`` (or ``inputs_embeds``), ``attention_mask``
+        (None included), ``position_ids`` and, if any, ``token_type_ids``. With dense top layers,
+        ``grad_inputs`` are the whole batch's too, and ``selected_inputs`` the selected tokens' (for the
+        selected probe).
         """
         backbone = model.base_model
         # The probe stops where the first layer starts (or, in a model without such layers, at its first
@@ -484,14 +485,11 @@ class SinglePassStep(TokenTuneStep):
 
     def _run_both(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict) -> Any:
         rest = self.rest
-        no_grad_inputs = {
-            name: value.expand(rest.valid.shape[0], -1).gather(1, rest.positions)
-            for name, value in backbone_inputs.items()
-            if name != "attention_mask" and value is not None
-        }
+        per_token = {name: value for name, value in backbone_inputs.items() if name != "attention_mask"}
+        no_grad_inputs = gather_positions(per_token, rest.positions)
         no_grad_inputs["attention_mask"] = rest.valid.long()
         # Autocast is set per thread: the no-grad group computes in the caller's precision.
-        self._device = backbone_inputs["input_ids"].device
+        self._device = backbone_inputs["position_ids"].device
         device = self._device.type
         autocast = {
             "device_type": device,

@@ -133,13 +133,16 @@ class TokenTuneTrainerMixin:
                 break
         counted = []
         for batch in batches:
+            if batch.get("input_ids") is None and batch.get("inputs_embeds") is None:
+                continue  # a sequence the model builds itself (`pixel_values`): its positions are drawn in the forward
             prepared = self.tokentune_engine.prepare(
                 self.model,
-                batch["input_ids"],
+                batch.get("input_ids"),
                 batch.get("attention_mask"),
                 batch.get("labels"),
                 batch.get("selected_positions"),
                 generator=self.selection_generator,
+                inputs_embeds=batch.get("inputs_embeds"),
             )
             if prepared.selected_positions is not None:
                 batch["selected_positions"] = prepared.selected_positions
@@ -183,13 +186,14 @@ class TokenTuneTrainerMixin:
         """
         stock = self.accelerator.unwrap_model(model).base_model.model
         row = {k: v[:1] for k, v in inputs.items() if k != "selected_positions" and torch.is_tensor(v)}
-        device = inputs["input_ids"].device
+        sequence = next(inputs[name] for name in ("input_ids", "inputs_embeds", "pixel_values") if name in inputs)
+        device = sequence.device
         # A fork of the random state: this extra forward must not shift dropout's random stream, or a
         # resumed run (which measures at its first step) would train differently.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             with torch.enable_grad(), SavedTensorMeter(stock, measure_only=True) as meter:
                 stock(**row)
-        return meter.saved_bytes * inputs["input_ids"].shape[0]
+        return meter.saved_bytes * sequence.shape[0]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the selection ratio in force and the activation memory to the training logs."""

@@ -24,6 +24,7 @@ from .model_support import check_head_supported, check_model_supported, is_decod
 from .quantization import check_4bit_layers_trainable, keep_4bit_layers_trainable
 from .save_formats import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
 from .selection import build_selector
+from .vision import builds_its_sequence, check_image_model_supported
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
@@ -34,12 +35,14 @@ class _TokenTuneStepMixin:
     def _setup_tokentune(self, model: nn.Module, config: TokenTuneConfig) -> None:
         check_model_supported(model)
         check_head_supported(model, config.task_type)
+        if builds_its_sequence(model):
+            check_image_model_supported(model, config.task_type)
         self.tokentune_four_bit_layers = keep_4bit_layers_trainable(model)  # checked at each step, not searched
         implementation = model.config._attn_implementation
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
         layers = check_dense_top_layers(model, config.dense_top_layers)
-        if config.dense_top_layers:
+        if config.dense_top_layers or builds_its_sequence(model):  # the first layer selects the rows
             install_layer_hooks(layers)
         self.tokentune_config = config
         self.tokentune_engine = TokenTuneEngine(

@@ -213,3 +213,22 @@ def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (index * attention_mask.bool()).argmax(dim=1)
+
+
+def gather_positions(inputs: dict, positions: torch.Tensor) -> dict:
+    """Each tensor of ``inputs`` ([batch or 1, seq] or [batch or 1, seq, hidden]) at ``positions``.
+
+    ``positions`` is [batch, k], -1 padded; padded slots take position 0's row. None values are left out.
+
+    Example:
+        >>> inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "position_ids": torch.tensor([[0, 1, 2]])}
+        >>> gather_positions(inputs, torch.tensor([[0, 2], [1, -1]]))["input_ids"].tolist()
+        [[5, 7], [6, 5]]
+    """
+    slots = positions.clamp(min=0)
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+    return {
+        name: value.expand(slots.shape[0], *value.shape[1:])[rows, slots]
+        for name, value in inputs.items()
+        if value is not None
+    }

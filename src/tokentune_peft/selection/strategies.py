@@ -79,9 +79,10 @@ class TokenSelector:
             classification head reads).
         selection_ratio / num_selected: the budget, exactly one set.
         strategy: "uniform", "supervised", "importance", "gradient" or a callable. The callable receives
-            ``batch`` (a dict with ``input_ids``, ``attention_mask``, ``always_selected`` (bool
-            [batch, seq]) and ``labels`` when the batch has them), ``k`` (LongTensor [batch], the
-            number of positions each row must get, always-selected ones included) and the
+            ``batch`` (a dict with ``input_ids`` (None for a batch given as ``inputs_embeds``),
+            ``attention_mask``, ``always_selected`` (bool [batch, seq]) and ``labels`` when the batch
+            has them), ``k`` (LongTensor [batch], the number of positions each row must get,
+            always-selected ones included) and the
             generator; it returns positions as :func:`~tokentune_peft.selection.sample_positions`
             does: a LongTensor [batch, max k], ascending per row, padded at the end with -1.
         uniform_share: "supervised": share of the budget drawn among unlabelled tokens;
@@ -110,7 +111,7 @@ class TokenSelector:
     def sample(
         self,
         model: nn.Module | None,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
         generator: torch.Generator,
@@ -118,6 +119,7 @@ class TokenSelector:
     ) -> torch.Tensor:
         """Positions for a batch: [batch, k], ascending per row, -1 padded.
 
+        ``input_ids`` may be None (a batch given as ``inputs_embeds``) when ``attention_mask`` is given.
         ``importance`` ([batch, seq], from :meth:`pass_one_scores`) is required by the strategies drawn
         in the forward ("importance", "gradient").
         """
@@ -128,7 +130,7 @@ class TokenSelector:
         if callable(self.strategy):
             return self._custom(input_ids, attention_mask, labels, always, generator)
         if self.strategy == "supervised" and self.task_type != TaskType.SEQ_CLS:
-            supervised = self._supervised(labels, input_ids)
+            supervised = self._supervised(labels, attention_mask)
             return sample_with_quota(attention_mask, always, supervised, generator, self.uniform_share, **budget)
         if self.selects_in_forward:
             if importance is None:
@@ -141,13 +143,19 @@ class TokenSelector:
             )
         return sample_positions(attention_mask, always, generator, **budget)
 
-    def budget(self, model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def budget(
+        self, model: nn.Module | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """k per row (LongTensor [batch]): the number of positions every strategy selects in this batch."""
         always = self.always_selected(model, input_ids, attention_mask)
         return selection_budget(attention_mask, always, self.selection_ratio, self.num_selected)
 
     def importance_meter(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
     ) -> AttentionImportance:
         """The pass-1 observer of "importance" and "gradient"; its readers are where the loss is read.
 
@@ -156,10 +164,10 @@ class TokenSelector:
         """
         if self.task_type == TaskType.SEQ_CLS:
             return AttentionImportance(self.head_positions(model, input_ids, attention_mask)[:, None])
-        readers = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        readers = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
         if labels is not None:
-            readers = self._supervised(labels, input_ids) & attention_mask.bool()
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            readers = self._supervised(labels, attention_mask) & attention_mask.bool()
+        rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
         unread = ~readers.any(dim=1)
         readers[rows[unread], last_real_positions(attention_mask)[unread]] = True
         return AttentionImportance(evenly_spaced(readers, MAX_READERS))
@@ -181,39 +189,49 @@ class TokenSelector:
         norms = output_gradient_norms(output_head(model, self.task_type), hidden, targets)
         return gradient_scores(norms, meter)
 
-    def always_selected(self, model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def always_selected(
+        self, model: nn.Module | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """[batch, seq] bool: the positions every selection of this batch includes."""
-        always = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        always = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
+        rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+        seq_len = attention_mask.shape[1]
         choice = self.always_select
         if choice == "head":
             always[rows, self.head_positions(model, input_ids, attention_mask)] = True
         elif choice == "first":
-            always[rows, (attention_mask.cumsum(1) == 0).sum(1).clamp(max=input_ids.shape[1] - 1)] = True
+            always[rows, (attention_mask.cumsum(1) == 0).sum(1).clamp(max=seq_len - 1)] = True
         elif choice == "last":
             always[rows, last_real_positions(attention_mask)] = True
         elif isinstance(choice, list):
-            index = torch.tensor([i for i in choice if i < input_ids.shape[1]], dtype=torch.long)
+            index = torch.tensor([i for i in choice if i < seq_len], dtype=torch.long)
             always[:, index.to(always.device)] = True
         return always & attention_mask.bool()
 
-    def head_positions(self, model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Where the sequence-classification head reads, as transformers' heads compute it (None otherwise)."""
+    def head_positions(
+        self, model: nn.Module | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Where the sequence-classification head reads, as transformers' heads compute it (None otherwise).
+
+        A decoder's head reads the last token that is not ``config.pad_token_id``; given ``inputs_embeds``
+        (``input_ids`` None), transformers' heads read the last position.
+        """
         if self.task_type != TaskType.SEQ_CLS:
             return None
+        batch, seq_len = attention_mask.shape
         if not self.is_decoder:  # poolers read the first token ([CLS])
-            return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            return torch.zeros(batch, dtype=torch.long, device=attention_mask.device)
         pad_id = getattr(model.config, "pad_token_id", None)
-        if pad_id is None:
-            if input_ids.shape[0] > 1:
-                raise ValueError("Decoder sequence classification of batches needs `config.pad_token_id`.")
-            return torch.full((1,), input_ids.shape[1] - 1, device=input_ids.device)
+        if pad_id is None and batch > 1:
+            raise ValueError("Decoder sequence classification of batches needs `config.pad_token_id`.")
+        if pad_id is None or input_ids is None:
+            return torch.full((batch,), seq_len - 1, device=attention_mask.device)
         return last_real_positions((input_ids != pad_id).long())
 
-    def _supervised(self, labels: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    def _supervised(self, labels: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor:
         if labels is None:
             raise ValueError(f"selection={self.strategy!r} needs the batch's `labels`.")
-        return labels_per_position(self.task_type, labels.to(input_ids.device)) != IGNORE_INDEX
+        return labels_per_position(self.task_type, labels.to(attention_mask.device)) != IGNORE_INDEX
 
     def _mixed(self, importance: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sampling weights: (1 - share) x normalised importance + share x uniform, over real tokens."""
@@ -232,7 +250,7 @@ class TokenSelector:
         positions = self.strategy(batch, k, generator)
         if not isinstance(positions, torch.Tensor):
             raise ValueError(f"The selector {name} must return a LongTensor; got {type(positions).__name__}.")
-        positions = positions.to(input_ids.device)
+        positions = positions.to(attention_mask.device)
         validate_selected_positions(positions, attention_mask)
         counts = (positions >= 0).sum(dim=1)
         if not torch.equal(counts, k):
