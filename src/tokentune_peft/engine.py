@@ -39,6 +39,8 @@ from transformers.utils import ModelOutput
 
 from .attention import TokenTuneStep
 from .dense_top import RUN, DenseTop, hidden_of, record_lower_layer_inputs, skipping
+from .multimodal import IMAGE_INPUTS as VLM_IMAGE_INPUTS
+from .multimodal import VISION_LANGUAGE_MODELS, merged_inputs_embeds
 from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX, selected_targets
 from .selection.sampling import PAD_POSITION, gather_positions, validate_selected_positions
@@ -144,7 +146,9 @@ class TokenTuneEngine:
         engine: "auto" (the single pass where it can run, else two passes), "single-pass" or "two-pass".
         dense_top_layers: how many of the last ``layers`` run every token with autograd
             (:mod:`tokentune_peft.dense_top`); 0 for plain TokenTune.
-        layers: the model's transformer layers (:func:`~tokentune_peft.dense_top.transformer_layers`).
+        layers: the model's transformer layers (:func:`~tokentune_peft.dense_top.transformer_layers`); a
+            vision-language model's are its language model's.
+        vision_language: whether the model is a vision-language model (:mod:`tokentune_peft.multimodal`).
 
     After a step, ``engine_used`` says which step ran ("single-pass" or "two-pass") and
     ``engine_reason`` why not the single pass (None when it ran).
@@ -155,6 +159,7 @@ class TokenTuneEngine:
     engine: str = "auto"
     dense_top_layers: int = 0
     layers: list[nn.Module] = field(default_factory=list, repr=False)
+    vision_language: bool = False
     engine_used: str | None = field(default=None, init=False)
     engine_reason: str | None = field(default=None, init=False)
     _single_pass_failure: str | None = field(default=None, init=False, repr=False)
@@ -240,7 +245,9 @@ class TokenTuneEngine:
 
         The batch comes as ``input_ids`` or as ``inputs_embeds`` (embeddings computed outside the model,
         soft prompts): the selected rows of ``inputs_embeds`` enter the selected tokens' call, so a tensor
-        that requires grad gets the gradient of the selected rows.
+        that requires grad gets the gradient of the selected rows. An image classifier's batch comes as
+        ``pixel_values`` (:mod:`tokentune_peft.vision`); a vision-language model's as ``input_ids`` with
+        ``pixel_values``, merged into ``inputs_embeds`` first (:mod:`tokentune_peft.multimodal`).
 
         ``attention_mask`` may be None, as in packed batches whose ``position_ids`` restart at 0 per
         document: pass 1 then builds the model's own per-document mask. ``trainer_generator`` is handed
@@ -251,6 +258,14 @@ class TokenTuneEngine:
         """
         if input_ids is None and inputs_embeds is None and kwargs.get("pixel_values") is not None:
             return self._image_step(model, labels, selected_positions, trainer_generator, kwargs)
+        image_inputs = {name: kwargs.pop(name) for name in VLM_IMAGE_INPUTS if kwargs.get(name) is not None}
+        if image_inputs:  # a vision-language model: the step runs on its language model's merged sequence
+            if not self.vision_language or input_ids is None or inputs_embeds is not None:
+                raise ValueError(
+                    "Images (`pixel_values`) go with `input_ids` to a vision-language model "
+                    f"({', '.join(VISION_LANGUAGE_MODELS)}), whose image tokens mark where the images go."
+                )
+            input_ids, inputs_embeds = None, merged_inputs_embeds(model, input_ids, attention_mask, image_inputs)
         tokens = self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, kwargs)
         kwargs.pop("use_cache", None)
         drop_varlen_boundaries(kwargs, position_ids)

@@ -455,8 +455,9 @@ class SinglePassStep(TokenTuneStep):
         backbone = model.base_model
         # The probe stops where the first layer starts (or, in a model without such layers, at its first
         # attention call): by then the model has built its masks.
+        # (Every layer is hooked: in a vision-language model, the vision tower's come first and do not run.)
         layers = [module for module in backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
-        stop = layers[0].register_forward_pre_hook(self._stop_probe) if layers else None
+        stops = [layer.register_forward_pre_hook(self._stop_probe) for layer in layers]
         try:
             with torch.no_grad(), self.record_masks():
                 backbone(**backbone_inputs, use_cache=False, tokentune_step=self)
@@ -465,7 +466,7 @@ class SinglePassStep(TokenTuneStep):
         else:
             raise self._no_attention_error()
         finally:
-            if stop is not None:
+            for stop in stops:
                 stop.remove()
         self.probing = False
         if self.dense is not None:

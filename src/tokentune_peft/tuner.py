@@ -21,6 +21,7 @@ from .config import TokenTuneConfig
 from .dense_top import check_dense_top_layers, install_layer_hooks
 from .engine import TokenTuneEngine
 from .model_support import check_head_supported, check_model_supported, is_decoder
+from .multimodal import check_vision_language_model_supported, is_vision_language_model, language_model
 from .quantization import check_4bit_layers_trainable, keep_4bit_layers_trainable
 from .save_formats import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
 from .selection import build_selector
@@ -37,11 +38,14 @@ class _TokenTuneStepMixin:
         check_head_supported(model, config.task_type)
         if builds_its_sequence(model):
             check_image_model_supported(model, config.task_type)
+        vision_language = is_vision_language_model(model)
+        if vision_language:
+            check_vision_language_model_supported(model, config.task_type)
         self.tokentune_four_bit_layers = keep_4bit_layers_trainable(model)  # checked at each step, not searched
         implementation = model.config._attn_implementation
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
-        layers = check_dense_top_layers(model, config.dense_top_layers)
+        layers = check_dense_top_layers(language_model(model) if vision_language else model, config.dense_top_layers)
         if config.dense_top_layers or builds_its_sequence(model):  # the first layer selects the rows
             install_layer_hooks(layers)
         self.tokentune_config = config
@@ -51,6 +55,7 @@ class _TokenTuneStepMixin:
             engine=config.engine,
             dense_top_layers=config.dense_top_layers,
             layers=layers,
+            vision_language=vision_language,
         )
 
     def forward(self, *args: Any, **kwargs: Any):

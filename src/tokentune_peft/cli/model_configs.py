@@ -3,7 +3,7 @@ sizes the benchmarks use. Nothing is downloaded."""
 
 from __future__ import annotations
 
-from transformers import BertConfig, LlamaConfig, PretrainedConfig
+from transformers import BertConfig, LlamaConfig, PretrainedConfig, ViTConfig
 
 
 def _sizes(hidden: int, intermediate: int, layers: int, heads: int, **more) -> dict:
@@ -25,6 +25,23 @@ LLAMA_SIZES = {
 BERT_TINY = _sizes(64, 128, 2, 4)
 #: Tiny random models a recipe can name (``model_name``), trained from scratch.
 TINY_MODELS = {"tiny-llama": (LlamaConfig, LLAMA_SIZES["llama-tiny"]), "tiny-bert": (BertConfig, BERT_TINY)}
+
+
+#: Vision transformers a recipe can name, trained from scratch (no pretrained vision model installs offline):
+#: "vit-digits" reads 32 x 32 grey images in patches of 4 (64 patches and the class token).
+VISION_MODELS = {
+    "vit-digits": dict(_sizes(192, 768, 6, 3), image_size=32, patch_size=4, num_channels=1),
+}
+
+
+def vision_model_config(name: str, num_labels: int) -> ViTConfig:
+    """The config of a recipe's vision transformer (one of :data:`VISION_MODELS`), with its number of classes.
+
+    Example:
+        >>> vision_model_config("vit-digits", num_labels=10).patch_size
+        4
+    """
+    return ViTConfig(**VISION_MODELS[name], num_labels=num_labels)
 
 
 def llama_config(name: str, **overrides) -> LlamaConfig:

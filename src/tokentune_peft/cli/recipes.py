@@ -16,11 +16,11 @@ from peft import LoraConfig
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import TokenTuneConfig
-from .model_configs import TINY_MODELS
+from .model_configs import TINY_MODELS, VISION_MODELS
 
 #: Models a recipe can name; anything else is a local pretrained folder.
 OFFLINE_MODELS = ("minilm", "smollm2")
-DATASETS = ("rotten_tomatoes", "chatterbot")
+DATASETS = ("rotten_tomatoes", "chatterbot", "digits")
 
 
 @dataclass
@@ -30,8 +30,9 @@ class RecipeArguments:
     model_name: str = field(
         default="minilm",
         metadata={
-            "help": f"One of {OFFLINE_MODELS} (offline pretrained), {tuple(TINY_MODELS)} (random, for tests) "
-            "or a local pretrained folder."
+            "help": f"One of {OFFLINE_MODELS} (offline pretrained), {tuple(TINY_MODELS)} (random, for tests), "
+            f"{tuple(VISION_MODELS)} (vision transformers trained from scratch, for 'digits') or a local "
+            "pretrained folder."
         },
     )
     dataset: str = field(default="rotten_tomatoes", metadata={"help": f"One of {DATASETS}."})
@@ -66,6 +67,11 @@ class RecipeArguments:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"`dataset` must be one of {DATASETS}; got {self.dataset!r}.")
+        if (self.dataset == "digits") != (self.model_name in VISION_MODELS):
+            raise ValueError(
+                f"`dataset` 'digits' (images) goes with a `model_name` in {tuple(VISION_MODELS)}, and those with "
+                f"'digits' only; got dataset={self.dataset!r}, model_name={self.model_name!r}."
+            )
         if self.load_in_4bit and not self.lora:
             raise ValueError("`load_in_4bit` needs `lora: true` (a 4-bit base cannot be trained directly).")
         if self.num_selected is not None:

@@ -30,6 +30,8 @@ from transformers import (
     DataCollatorWithPadding,
     Trainer,
     TrainerCallback,
+    ViTForImageClassification,
+    default_data_collator,
     set_seed,
 )
 
@@ -38,7 +40,7 @@ from ..quantization import keep_4bit_layers_trainable
 from ..selection.labels import IGNORE_INDEX
 from ..trainer import TokenTuneTrainer
 from . import offline
-from .model_configs import TINY_MODELS, tiny_model_config
+from .model_configs import TINY_MODELS, VISION_MODELS, tiny_model_config, vision_model_config
 from .plots import new_figure, save_figure
 from .recipes import RecipeArguments, RecipeError, lora_config, parse_recipe, recipe_parser, tokentune_config
 
@@ -47,7 +49,7 @@ AUTO_CLASSES = {
     "TOKEN_CLS": AutoModelForTokenClassification,
     "CAUSAL_LM": AutoModelForCausalLM,
 }
-NUM_LABELS = {"rotten_tomatoes": 2}
+NUM_LABELS = {"rotten_tomatoes": 2, "digits": 10}
 
 
 def model_folder(name: str) -> str:
@@ -60,6 +62,10 @@ def model_folder(name: str) -> str:
 
 
 def load_model_and_tokenizer(recipe: RecipeArguments):
+    """The recipe's model and its tokenizer (None for a vision model)."""
+    if recipe.model_name in VISION_MODELS:
+        config = vision_model_config(recipe.model_name, NUM_LABELS[recipe.dataset])
+        return ViTForImageClassification._from_config(config, attn_implementation="sdpa"), None
     folder = model_folder(recipe.model_name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
@@ -88,8 +94,11 @@ def load_model_and_tokenizer(recipe: RecipeArguments):
 
 
 def load_datasets(recipe: RecipeArguments, tokenizer):
-    """Tokenized (train, held-out) datasets; classification also gets a validation split."""
-    if recipe.dataset == "rotten_tomatoes":
+    """Tokenized (train, held-out) datasets, or images as tensors; classification also gets a validation split."""
+    if recipe.dataset == "digits":
+        splits = offline.load_digits(seed=recipe.split_seed, image_size=VISION_MODELS[recipe.model_name]["image_size"])
+        tokenize = _as_tensors
+    elif recipe.dataset == "rotten_tomatoes":
         splits = offline.load_rotten_tomatoes(seed=recipe.split_seed)
         tokenize = offline.tokenize_classification
     else:
@@ -100,6 +109,10 @@ def load_datasets(recipe: RecipeArguments, tokenizer):
         for name, split in splits.items()
     }
     return {name: tokenize(split, tokenizer, recipe.max_length) for name, split in splits.items()}
+
+
+def _as_tensors(dataset, tokenizer, max_length: int):
+    return dataset.with_format("torch")
 
 
 def _first(dataset, count: int | None):
@@ -167,6 +180,8 @@ def save_trained_model(trainer: Trainer, folder: str) -> None:
 
 def make_collator(recipe: RecipeArguments, tokenizer):
     """The collator that pads a recipe's batches (labels padded with -100 for token-level tasks)."""
+    if tokenizer is None:  # images: all of one size
+        return default_data_collator
     if recipe.task_type == "SEQ_CLS":
         return DataCollatorWithPadding(tokenizer)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
