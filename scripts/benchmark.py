@@ -7,6 +7,11 @@ the median training-step time (optimizer step included), with ratios to full fin
 same run, and writes a Markdown table, JSON and PNG plots.
 
     python scripts/benchmark.py --model llama-1024 --batch_size 2 --seq_len 512 --output_dir docs/benchmarks
+
+Image models (:data:`~tokentune_peft.cli.model_configs.IMAGE_MODELS`) take random images: "vit-b16" classifies
+224 px images (197 tokens; ``seq_len`` is unused), "smolvlm-512" reads one 512 px image (64 image tokens) before
+``seq_len`` text tokens; its LoRA settings put LoRA on the language model only, so its vision tower is frozen,
+while full fine-tuning trains the tower too (with its full activations: TokenTune selects on the language model).
 """
 
 from __future__ import annotations
@@ -24,12 +29,20 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     HfArgumentParser,
 )
 
-from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
+from tokentune_peft.cli.model_configs import (
+    IMAGE_MODELS,
+    LLAMA_SIZES,
+    SMOLVLM_IMAGE_TOKEN,
+    image_model_config,
+    llama_config,
+)
 from tokentune_peft.cli.plots import new_figure, save_figure
 from tokentune_peft.config import TokenTuneConfig
 from tokentune_peft.dense_top import transformer_layers
@@ -39,6 +52,10 @@ from study_utils import machine_description
 
 #: Real pretrained models installed offline (see :mod:`tokentune_peft.cli.offline`), and their task.
 PRETRAINED_TASKS = {"smollm2": "CAUSAL_LM", "minilm": "SEQ_CLS"}
+#: The task of each image model, the auto class that loads it, and its LoRA targets.
+IMAGE_TASKS = {"vit-b16": "SEQ_CLS", "smolvlm-512": "CAUSAL_LM"}
+IMAGE_AUTO_CLASSES = {"vit-b16": AutoModelForImageClassification, "smolvlm-512": AutoModelForImageTextToText}
+LORA_TARGETS = {"smolvlm-512": r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 DEFAULT_SETTINGS = ["full", "full+gc", "lora", "qlora"] + [
@@ -144,7 +161,7 @@ class Measurement:
 
 
 def model_task(model_name: str) -> str:
-    return PRETRAINED_TASKS.get(model_name, "CAUSAL_LM")
+    return {**PRETRAINED_TASKS, **IMAGE_TASKS}.get(model_name, "CAUSAL_LM")
 
 
 def stage_model(model_name: str, staging_dir: str, num_hidden_layers: int | None = None) -> str:
@@ -155,6 +172,10 @@ def stage_model(model_name: str, staging_dir: str, num_hidden_layers: int | None
         torch.manual_seed(0)
         config = llama_config(model_name, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}))
         AutoModelForCausalLM.from_config(config).save_pretrained(staging_dir)
+        return staging_dir
+    if model_name in IMAGE_MODELS:
+        torch.manual_seed(0)
+        IMAGE_AUTO_CLASSES[model_name].from_config(image_model_config(model_name)).save_pretrained(staging_dir)
         return staging_dir
     if model_name in PRETRAINED_TASKS:
         from tokentune_peft.cli import offline
@@ -170,17 +191,18 @@ def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dty
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     task = model_task(model_name)
     auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    auto = IMAGE_AUTO_CLASSES.get(model_name, auto)
     model = auto.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype, quantization_config=quantization)
     if setting.quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = model.to(device)
-    return set_up(model, setting, task)
+    return set_up(model, setting, task, lora_targets=LORA_TARGETS.get(model_name, "all-linear"))
 
 
-def set_up(model, setting: Setting, task: str, lora_rank: int = 8):
-    """``model`` set up for ``setting`` (gradient checkpointing, LoRA of rank ``lora_rank`` on every linear
-    layer, TokenTune), in training mode.
+def set_up(model, setting: Setting, task: str, lora_rank: int = 8, lora_targets: str = "all-linear"):
+    """``model`` set up for ``setting`` (gradient checkpointing, LoRA of rank ``lora_rank`` on ``lora_targets``,
+    TokenTune), in training mode.
 
     Example:
         >>> from transformers import AutoModelForCausalLM
@@ -191,7 +213,7 @@ def set_up(model, setting: Setting, task: str, lora_rank: int = 8):
     if setting.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    adapter = LoraConfig(r=lora_rank, target_modules="all-linear", task_type=task) if setting.lora else None
+    adapter = LoraConfig(r=lora_rank, target_modules=lora_targets, task_type=task) if setting.lora else None
     if setting.ratio is not None:
         config = TokenTuneConfig(
             selection_ratio=setting.ratio,
@@ -208,12 +230,14 @@ def set_up(model, setting: Setting, task: str, lora_rank: int = 8):
 
 
 def keys_and_values_bytes(model_config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes of every layer's keys and values for one batch (what TokenTune keeps for all tokens).
+    """Bytes of every layer's keys and values for one batch (what TokenTune keeps for all tokens); a
+    vision-language model's are its language model's.
 
     Example:
         >>> keys_and_values_bytes(llama_config("llama-256"), 2, 512, torch.float32) // MIB
         4
     """
+    model_config = getattr(model_config, "text_config", model_config)
     heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     element = torch.finfo(dtype).bits // 8
@@ -235,6 +259,40 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, task: str, devi
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
+def image_batch(model_name: str, batch_size: int, text_tokens: int, device: torch.device) -> dict:
+    """Random images (seed 0) for an image model, with labels: 224 px and a class for "vit-b16"; for
+    "smolvlm-512" one 512 px image whose 64 image tokens open each row, then ``text_tokens`` random tokens,
+    all of them labels.
+
+    Example:
+        >>> batch = image_batch("smolvlm-512", 2, 8, torch.device("cpu"))
+        >>> batch["input_ids"].shape, batch["pixel_values"].shape
+        (torch.Size([2, 72]), torch.Size([2, 1, 3, 512, 512]))
+    """
+    generator = torch.Generator().manual_seed(0)
+    if model_name == "vit-b16":
+        pixel_values = torch.randn(batch_size, 3, 224, 224, generator=generator)
+        return {"pixel_values": pixel_values.to(device), "labels": torch.randint(0, 10, (batch_size,)).to(device)}
+    text = torch.randint(0, SMOLVLM_IMAGE_TOKEN, (batch_size, text_tokens), generator=generator)
+    input_ids = torch.cat([torch.full((batch_size, 64), SMOLVLM_IMAGE_TOKEN), text], dim=1).to(device)
+    labels = input_ids.masked_fill(input_ids == SMOLVLM_IMAGE_TOKEN, -100)
+    pixel_values = torch.randn(batch_size, 1, 3, 512, 512, generator=generator).to(device)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": pixel_values,
+    }
+
+
+def sequence_length(model, batch: dict) -> int:
+    """Tokens per row of the sequence TokenTune selects from: the text, or a vision transformer's patches
+    and class token."""
+    if "input_ids" in batch:
+        return batch["input_ids"].shape[1]
+    return (model.config.image_size // model.config.patch_size) ** 2 + 1
+
+
 def training_step(model, batch: dict, optimizer: torch.optim.Optimizer) -> None:
     """One training step: forward, backward, optimizer step, gradients freed."""
     model(**batch).loss.backward()
@@ -249,7 +307,11 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
     model = build_model(args.model, args.model_folder, setting, torch_dtype, args.device)
     model_name, batch_size, warmup = args.model, args.batch_size, args.warmup
     device = next(model.parameters()).device
-    batch = random_batch(model.config.vocab_size, batch_size, seq_len, model_task(model_name), device)
+    if model_name in IMAGE_MODELS:
+        batch = image_batch(model_name, batch_size, seq_len, device)
+    else:
+        batch = random_batch(model.config.vocab_size, batch_size, seq_len, model_task(model_name), device)
+    seq_len = sequence_length(model, batch)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     meter = SavedTensorMeter(model, measure_only=True)
@@ -324,7 +386,7 @@ class BenchmarkArguments:
     model: str = field(
         default="llama-1024",
         metadata={
-            "help": f"A named config {tuple(LLAMA_SIZES)} with random "
+            "help": f"A named config {tuple(LLAMA_SIZES)} or image model {IMAGE_MODELS} with random "
             f"weights, an offline pretrained model {tuple(PRETRAINED_TASKS)}, or a local folder."
         },
     )
@@ -546,7 +608,7 @@ def run_all(args: BenchmarkArguments) -> None:
     caption = f"{args.model}, batch {args.batch_size}, {args.dtype}, {args.device}; {machine}"
     os.makedirs(args.output_dir, exist_ok=True)
     report = (
-        f"Model {args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.dtype}, {args.device}; "
+        f"Model {args.model}, batch {args.batch_size} (tokens per row in the table), {args.dtype}, {args.device}; "
         f"machine: {machine}.\n\n{markdown_table(rows)}\n"
     )
     if sweep:

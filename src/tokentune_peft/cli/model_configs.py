@@ -3,7 +3,7 @@ sizes the benchmarks use. Nothing is downloaded."""
 
 from __future__ import annotations
 
-from transformers import BertConfig, LlamaConfig, PretrainedConfig, ViTConfig
+from transformers import BertConfig, Idefics3Config, Idefics3VisionConfig, LlamaConfig, PretrainedConfig, ViTConfig
 
 
 def _sizes(hidden: int, intermediate: int, layers: int, heads: int, **more) -> dict:
@@ -32,6 +32,39 @@ TINY_MODELS = {"tiny-llama": (LlamaConfig, LLAMA_SIZES["llama-tiny"]), "tiny-ber
 VISION_MODELS = {
     "vit-digits": dict(_sizes(192, 768, 6, 3), image_size=32, patch_size=4, num_channels=1),
 }
+
+
+#: Image-model shapes the benchmarks use, random weights: "vit-b16" is ViT-B/16 at 224 px (197 tokens);
+#: "smolvlm-512" has SmolVLM-256M's shape (a SigLIP-B/16 tower at 512 px, its 1,024 patches shuffled into 64
+#: image tokens, and SmolLM2-135M as the language model).
+IMAGE_MODELS = ("vit-b16", "smolvlm-512")
+#: The image token of "smolvlm-512": the last id of its vocabulary.
+SMOLVLM_IMAGE_TOKEN = 49151
+
+
+def image_model_config(name: str) -> PretrainedConfig:
+    """The config of one of :data:`IMAGE_MODELS`.
+
+    Example:
+        >>> config = image_model_config("smolvlm-512")
+        >>> (config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor) ** 2
+        64
+    """
+    if name == "vit-b16":
+        return ViTConfig(**_sizes(768, 3072, 12, 12), image_size=224, patch_size=16, num_labels=10)
+    if name == "smolvlm-512":
+        vision = Idefics3VisionConfig(**_sizes(768, 3072, 12, 12), image_size=512, patch_size=16)
+        text = LlamaConfig(
+            **_sizes(576, 1536, 30, 9, num_key_value_heads=3), vocab_size=49152, tie_word_embeddings=True
+        )
+        return Idefics3Config(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            scale_factor=4,
+            image_token_id=SMOLVLM_IMAGE_TOKEN,
+            tie_word_embeddings=True,
+        )
+    raise ValueError(f"`model` must be one of {IMAGE_MODELS}; got {name!r}.")
 
 
 def vision_model_config(name: str, num_labels: int) -> ViTConfig:
