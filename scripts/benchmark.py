@@ -272,7 +272,8 @@ def image_batch(model_name: str, batch_size: int, text_tokens: int, device: torc
     generator = torch.Generator().manual_seed(0)
     if model_name == "vit-b16":
         pixel_values = torch.randn(batch_size, 3, 224, 224, generator=generator)
-        return {"pixel_values": pixel_values.to(device), "labels": torch.randint(0, 10, (batch_size,)).to(device)}
+        labels = torch.randint(0, 10, (batch_size,), generator=generator)
+        return {"pixel_values": pixel_values.to(device), "labels": labels.to(device)}
     text = torch.randint(0, SMOLVLM_IMAGE_TOKEN, (batch_size, text_tokens), generator=generator)
     input_ids = torch.cat([torch.full((batch_size, 64), SMOLVLM_IMAGE_TOKEN), text], dim=1).to(device)
     labels = input_ids.masked_fill(input_ids == SMOLVLM_IMAGE_TOKEN, -100)

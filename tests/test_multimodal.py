@@ -153,3 +153,29 @@ def test_images_for_a_text_model_are_refused():
     model = get_peft_model(build_model("llama", "CAUSAL_LM"), TokenTuneConfig(task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="go with `input_ids` to a vision-language model"):
         model(**make_batch(model, "CAUSAL_LM"), pixel_values=torch.randn(2, 3, 16, 16))
+
+
+def test_the_trainer_at_ratio_one_logs_the_plain_trainers_losses(tmp_path):
+    """Positions are prepared on `input_ids` before the forward; the merged sequence has their length."""
+    from transformers import Trainer
+
+    from tokentune_peft.trainer import TokenTuneTrainer
+
+    from helpers import arguments
+
+    model = wrap_vlm(build_vlm("llava"), lora=True, selection_ratio=1.0)
+    plain_model = copy.deepcopy(model)
+    batch = conversation_batch("llava")
+    batch["attention_mask"][:] = 1  # as in the ratio-one test: the stock loss would count the padding's prediction
+    examples = [{key: value[row] for key, value in batch.items()} for row in range(2)] * 4
+    settings = dict(remove_unused_columns=False, per_device_train_batch_size=2)
+    tokentune = TokenTuneTrainer(model=model, args=arguments(tmp_path / "a", **settings), train_dataset=examples)
+    tokentune.train()
+    plain = Trainer(
+        model=plain_model.get_base_model(), args=arguments(tmp_path / "b", **settings), train_dataset=examples
+    )
+    plain.train()
+
+    curve = [e["loss"] for e in tokentune.state.log_history if "loss" in e]
+    assert len(curve) == 4
+    assert curve == pytest.approx([e["loss"] for e in plain.state.log_history if "loss" in e], rel=1e-4)
