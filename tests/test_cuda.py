@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 
+from tokentune_peft.single_pass import auto_prefers_two_pass
+
 from helpers import assert_same_grads, build_model, check_against_naive, fixed_selection, make_batch, wrap
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -58,3 +60,13 @@ def test_ratio_point_three_on_cuda_matches_naive_definition(engine, lora):
 
     assert torch.equal(output.selected_positions, selected)
     assert output.logits.device.type == "cuda"
+
+
+def test_auto_engine_runs_two_passes_on_cuda():
+    model = wrap(build_model("llama", TASK).cuda(), TASK, False, selection_ratio=0.3)
+    batch = on_cuda(make_batch(model, TASK))
+
+    model(**batch).loss.backward()
+
+    engine = model.base_model.tokentune_engine
+    assert (engine.engine_used, engine.engine_reason) == ("two-pass", auto_prefers_two_pass(torch.device("cuda")))

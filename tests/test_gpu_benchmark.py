@@ -77,3 +77,30 @@ def test_settings_it_cannot_build_are_refused_before_anything_runs(name, tmp_pat
     with pytest.raises(ValueError, match="setting"):
         main(["--device", "cpu", "--settings", name, "--output_dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_profile_script_times_and_profiles_each_setting_on_the_cpu(capsys):
+    import gpu_profile
+
+    gpu_profile.main(
+        [
+            "--device",
+            "cpu",
+            "--model",
+            "llama-tiny",
+            "--dtype",
+            "float32",
+            "--seq_len",
+            "32",
+            "--settings",
+            "lora",
+            "tokentune-0.3+two-pass",
+            "--profile",
+            "tokentune-0.3+two-pass",
+        ]
+    )
+
+    printed = capsys.readouterr().out
+    assert printed.count("step ms [") == 2 and printed.count("held after free") == 2
+    assert "Self CPU time total" in printed and "single_pass.py" not in printed  # two passes, as asked
+    assert "engine.py" in printed  # cProfile's table reaches the engine

@@ -66,7 +66,7 @@ class TokenTuneConfig(PeftConfig):
         uniform_share (`float`): for "supervised", the share of the budget kept uniform over
             unlabelled tokens; for "importance" and "gradient", the share of the sampling probability
             spread evenly. Defaults to 0.2 for those three; not used by the others.
-        engine (`str`): how a step runs: "auto" (one pass where it can run, two passes otherwise),
+        engine (`str`): how a step runs: "auto" (one pass where it can run on a CPU, two passes otherwise),
             "single-pass" (an error where it cannot run) or "two-pass"; see :mod:`tokentune_peft.single_pass`.
         dense_top_layers (`int`): how many of the last transformer layers run every token with autograd
             (0, the default, is plain TokenTune). The layers below stay token-selective; the loss covers
@@ -131,9 +131,9 @@ class TokenTuneConfig(PeftConfig):
         default="auto",
         metadata={
             "help": f"How a training step runs: one of {ENGINE_CHOICES}. 'auto' runs every token's forward once "
-            "(single pass) where it can, and two passes (a no-grad pass over all tokens, then the selected ones) "
-            "where it cannot: with selection='importance' or 'gradient', under FSDP, or gradient checkpointing "
-            "with dropout."
+            "(single pass) on a CPU where it can, and two passes (a no-grad pass over all tokens, then the selected "
+            "ones) on a GPU, where they are faster, and where the single pass cannot run: with "
+            "selection='importance' or 'gradient', under FSDP, or gradient checkpointing with dropout."
         },
     )
 

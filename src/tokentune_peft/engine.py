@@ -45,7 +45,15 @@ from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX, selected_targets
 from .selection.sampling import PAD_POSITION, gather_positions, validate_selected_positions
 from .selection.strategies import TokenSelector
-from .single_pass import SINGLE_PASS, TWO_PASS, SinglePassStep, SinglePassUnsupported, single_pass_blocker
+from .single_pass import (
+    AUTO,
+    SINGLE_PASS,
+    TWO_PASS,
+    SinglePassStep,
+    SinglePassUnsupported,
+    auto_prefers_two_pass,
+    single_pass_blocker,
+)
 from .vision import IMAGE_INPUTS, first_layer_input
 from .vision import TWO_PASS_REASON as IMAGE_TWO_PASS_REASON
 
@@ -143,7 +151,7 @@ class TokenTuneEngine:
         seed: seeds :attr:`generator`, which draws positions when the caller hands in none (a
             :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin` hands in its own, seeded from
             ``seed`` + its process index and saved in checkpoints).
-        engine: "auto" (the single pass where it can run, else two passes), "single-pass" or "two-pass".
+        engine: "auto" (the single pass where it can run on a CPU, else two passes), "single-pass" or "two-pass".
         dense_top_layers: how many of the last ``layers`` run every token with autograd
             (:mod:`tokentune_peft.dense_top`); 0 for plain TokenTune.
         layers: the model's transformer layers (:func:`~tokentune_peft.dense_top.transformer_layers`); a
@@ -415,6 +423,8 @@ class TokenTuneEngine:
         reason = single_pass_blocker(model, strategy) if self.engine != TWO_PASS else "the config asks for it"
         if reason is None:
             reason = self._single_pass_failure
+        if reason is None and self.engine == AUTO:
+            reason = auto_prefers_two_pass(next(model.parameters()).device)
         if reason is not None and self.engine == SINGLE_PASS:
             raise ValueError(f"TokenTuneConfig(engine={SINGLE_PASS!r}) cannot run this step: {reason}.")
         self._announce(SINGLE_PASS if reason is None else TWO_PASS, reason)

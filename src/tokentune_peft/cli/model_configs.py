@@ -13,13 +13,15 @@ def _sizes(hidden: int, intermediate: int, layers: int, heads: int, **more) -> d
 
 
 #: Llama-architecture sizes, vocabulary 32,000 (1,024 for "llama-tiny"; "llama-3.2-1b" has Llama 3.2 1B's
-#: shape: its vocabulary of 128,256 and its input embedding tied to the output head, 1.24B parameters).
+#: shape: its vocabulary of 128,256 and its input embedding tied to the output head, 1.24B parameters; "llama-2-7b"
+#: has the shape of the paper's headline model, 6.7B parameters).
 LLAMA_SIZES = {
     "llama-tiny": _sizes(64, 128, 2, 4, num_key_value_heads=2, vocab_size=1024),
     "llama-256": _sizes(256, 688, 4, 8, num_key_value_heads=4, vocab_size=32000),
     "llama-1024": _sizes(1024, 2816, 8, 16, num_key_value_heads=8, vocab_size=32000),
     "llama-1b": _sizes(2048, 5632, 16, 32, num_key_value_heads=8, vocab_size=32000),
     "llama-3.2-1b": _sizes(2048, 8192, 16, 32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-2-7b": _sizes(4096, 11008, 32, 32, num_key_value_heads=32, vocab_size=32000),
 }
 #: A tiny BERT, the encoder counterpart of "llama-tiny".
 BERT_TINY = _sizes(64, 128, 2, 4)
