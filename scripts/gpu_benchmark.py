@@ -1,12 +1,14 @@
 """Benchmark TokenTune on a GPU: a Llama-3.2-1B-shaped model against full fine-tuning and LoRA.
 
 All settings run in one process, in a fixed order. Each setting's model is built once (random weights,
-seed 0, straight on the device), measured at every sequence length, then freed. At each length it
-reports the bytes saved for backward (one training forward, :func:`tokentune_peft.saved_activation_bytes`),
-the peak memory of the training steps (``torch.cuda.max_memory_allocated``, reset after the model is built
-and measured) and the median step time (forward, backward and AdamW step, timed by CUDA events after
-warm-up steps), with ratios to full fine-tuning and to LoRA at the same length, and writes a Markdown
-table and JSON. Settings left when ``--time_budget_s`` is spent are skipped with a note.
+seed 0, straight on the device; a ``+qlora`` setting's are saved once to a temporary folder and loaded
+with the decoder's linear layers in 4-bit NF4 by bitsandbytes), measured at every sequence length, then
+freed. At each length it reports the bytes saved for backward (one training forward,
+:func:`tokentune_peft.saved_activation_bytes`), the peak memory of the training steps
+(``torch.cuda.max_memory_allocated``, reset after the model is built and measured) and the median step
+time (forward, backward and AdamW step, timed by CUDA events after warm-up steps), with ratios to full
+fine-tuning, LoRA and QLoRA at the same length, and writes a Markdown table and JSON. Settings left when
+``--time_budget_s`` is spent are skipped with a note.
 
     PYTHONPATH=src python scripts/gpu_benchmark.py --output_dir docs/benchmarks/gpu
 
@@ -18,14 +20,16 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import statistics
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, HfArgumentParser
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, HfArgumentParser
 
 from tokentune_peft import saved_activation_bytes
 from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
@@ -68,10 +72,22 @@ DEFAULT_SETTINGS = [
     "lora+liger",
     "tokentune-0.3+liger",
     "tokentune-0.3+lora+liger",
+    "qlora",
+    "tokentune-0.3+qlora",
+    "tokentune-0.1+qlora",
 ]
-SMOKE_SETTINGS = ["full", "lora", "tokentune-0.3", "tokentune-0.3+lora+gc", "tokentune-0.3+dense1", "lora+liger"]
+SMOKE_SETTINGS = [
+    "full",
+    "lora",
+    "tokentune-0.3",
+    "tokentune-0.3+lora+gc",
+    "tokentune-0.3+dense1",
+    "qlora",
+    "tokentune-0.3+qlora",
+    "lora+liger",
+]
 #: The settings every row is compared with, at the same sequence length.
-BASELINES = {"full": "full", "lora": "LoRA"}
+BASELINES = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 COMPARED = ("peak_memory_bytes", "step_seconds", "saved_activation_bytes")
 
 
@@ -82,7 +98,8 @@ class GpuBenchmarkArguments:
         default_factory=lambda: list(DEFAULT_SETTINGS),
         metadata={
             "help": "Settings, measured in this order: full, lora or tokentune-<ratio>, each optionally with +lora, "
-            f"+gc, +dense<L> (TokenTune's dense top layers) and {LIGER} (Liger-Kernel's fused linear cross-entropy)."
+            "+qlora (LoRA over a 4-bit NF4 base), +gc, +dense<L> (TokenTune's dense top layers) and "
+            f"{LIGER} (Liger-Kernel's fused linear cross-entropy)."
         },
     )
     seq_lens: list[int] = field(default_factory=lambda: [2048, 8192], metadata={"help": "Tokens per sequence."})
@@ -107,8 +124,8 @@ class GpuBenchmarkArguments:
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {tuple(DTYPES)}; got {self.dtype!r}.")
         quantized = [name for name in self.settings if parse_setting(name)[0].quantized]  # parsing checks every name
-        if quantized:
-            raise ValueError(f"`settings` {quantized} need a 4-bit base, which this benchmark does not build.")
+        if quantized and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"`settings` {quantized} need a 4-bit base, and bitsandbytes is not installed.")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"`device` is {self.device!r}, but torch sees no CUDA device; use --device cpu --smoke.")
 
@@ -138,14 +155,40 @@ def liger_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def build_model(args: GpuBenchmarkArguments, name: str, device: torch.device):
-    """The model of setting ``name``: random weights (seed 0) built on ``device``, set up for training."""
-    setting, liger = parse_setting(name)
+def random_model(args: GpuBenchmarkArguments, device: torch.device):
+    """The benchmark's model with random weights (seed 0), built on ``device``."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
+        return AutoModelForCausalLM.from_config(
             llama_config(args.model), dtype=DTYPES[args.dtype], attn_implementation="sdpa"
         )
+
+
+def four_bit_model(args: GpuBenchmarkArguments, device: torch.device, staging_dir: str):
+    """The same random weights with the decoder's linear layers in 4-bit NF4 (bitsandbytes, computing in the
+    benchmark's dtype), loaded as transformers loads a QLoRA base; saved to ``staging_dir`` the first time.
+    The other weights keep the benchmark's dtype (no fp32 upcast, as ``prepare_model_for_kbit_training`` does).
+    Hub kernels stay off, as in the settings built from the config (``from_pretrained`` would fetch them)."""
+    folder = os.path.join(staging_dir, args.model)
+    if not os.path.isdir(folder):
+        random_model(args, device).save_pretrained(folder)
+        free_memory(device)
+    dtype = DTYPES[args.dtype]
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=dtype,
+        attn_implementation="sdpa",
+        quantization_config=quantization,
+        device_map={"": device},
+        use_kernels=False,
+    )
+
+
+def build_model(args: GpuBenchmarkArguments, name: str, device: torch.device, staging_dir: str):
+    """The model of setting ``name`` on ``device``, set up for training."""
+    setting, liger = parse_setting(name)
+    model = four_bit_model(args, device, staging_dir) if setting.quantized else random_model(args, device)
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -218,10 +261,10 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_setting(args: GpuBenchmarkArguments, name: str, device: torch.device) -> list[dict]:
+def run_setting(args: GpuBenchmarkArguments, name: str, device: torch.device, staging_dir: str) -> list[dict]:
     """Build setting ``name``'s model once, measure it at every sequence length, free it."""
     try:
-        model = build_model(args, name, device)
+        model = build_model(args, name, device, staging_dir)
     except Exception as error:  # a setting that cannot run is a row of the table, not the end of the run
         traceback.print_exc()
         return [failed(name, seq_len, error) for seq_len in args.seq_lens]
@@ -246,6 +289,7 @@ def run_all(args: GpuBenchmarkArguments) -> tuple[list[dict], list[str]]:
     no_liger = liger_unavailable(device)
     start = time.perf_counter()
     rows, notes = [], []
+    staging = tempfile.TemporaryDirectory(prefix="gpu_benchmark_")  # the 4-bit settings' weights, saved once
     for name in args.settings:
         reason = None
         if name.endswith(LIGER) and no_liger:
@@ -256,8 +300,9 @@ def run_all(args: GpuBenchmarkArguments) -> tuple[list[dict], list[str]]:
             rows += [{"setting": name, "seq_len": seq_len, "skipped": reason} for seq_len in args.seq_lens]
             notes.append(f"{name} skipped: {reason}.")
         else:
-            rows += run_setting(args, name, device)
+            rows += run_setting(args, name, device, staging.name)
         print(f"{name}: {time.perf_counter() - start:.0f} s so far", flush=True)
+    staging.cleanup()
     return with_ratios(rows), notes
 
 
@@ -308,7 +353,8 @@ def describe(args: GpuBenchmarkArguments, machine: str) -> str:
     return (
         f"Model {args.model} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocabulary "
         f"{config.vocab_size}, random weights), batch {args.batch_size}, {args.dtype}, sdpa attention, "
-        f"{args.device}; machine: {machine}. LoRA r={args.lora_rank} on every linear layer; +gc: non-reentrant "
+        f"{args.device}; machine: {machine}. LoRA r={args.lora_rank} on every linear layer; +qlora: the same over "
+        "a 4-bit NF4 base (bitsandbytes; the other weights unquantized, not upcast); +gc: non-reentrant "
         f"gradient checkpointing; +dense<L>: TokenTune's dense top layers; {LIGER}: Liger-Kernel's fused linear "
         f"cross-entropy. Step: forward, backward and AdamW step, median of {args.steps} after {args.warmup} "
         f"warm-up ({'CUDA events' if cuda else 'wall clock'}). Peak: "

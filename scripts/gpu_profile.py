@@ -18,6 +18,7 @@ import cProfile
 import io
 import pstats
 import sys
+import tempfile
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -62,12 +63,14 @@ def profile_step(step, device: torch.device) -> str:
     return "\n".join(tables + [text.getvalue()])
 
 
-def run_setting(bench: GpuBenchmarkArguments, name: str, seq_len: int, meter: bool, profiled: bool) -> None:
-    """Build setting ``name``'s model, time its steps, print what it holds and, if ``profiled``, its profile;
-    the model goes when this returns."""
+def run_setting(
+    bench: GpuBenchmarkArguments, name: str, seq_len: int, meter: bool, profiled: bool, staging_dir: str
+) -> None:
+    """Build setting ``name``'s model (a 4-bit one's weights staged in ``staging_dir``), time its steps, print
+    what it holds and, if ``profiled``, its profile; the model goes when this returns."""
     device = torch.device(bench.device)
     print(f"== {name}: held before build {memory(device)}", flush=True)
-    model = build_model(bench, name, device)
+    model = build_model(bench, name, device, staging_dir)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(model.config.vocab_size, 1, seq_len, "CAUSAL_LM", device)
     if meter:  # as gpu_benchmark.py measures: a saved-activations forward before the steps
@@ -101,10 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     bench = GpuBenchmarkArguments(model=args.model, device=args.device, dtype=args.dtype, settings=args.settings)
-    for name in args.settings:
-        run_setting(bench, name, args.seq_len, args.meter, name in args.profile)
-        free_memory(torch.device(args.device))
-        print(f"held after free {memory(torch.device(args.device))}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gpu_profile_") as staging:
+        for name in args.settings:
+            run_setting(bench, name, args.seq_len, args.meter, name in args.profile, staging)
+            free_memory(torch.device(args.device))
+            print(f"held after free {memory(torch.device(args.device))}", flush=True)
 
 
 if __name__ == "__main__":

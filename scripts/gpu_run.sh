@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine runs, in one call of about 3 to 6 minutes: the CUDA tests, the benchmark on the
-# Llama-3.2-1B shape (2,048 and 8,192 tokens), and full fine-tuning, LoRA and LoRA + TokenTune on the paper's
-# Llama-2-7B shape (2,048 tokens). Results go to $OUT (default outputs/gpu_run).
+# Everything a lent GPU machine runs, in one call of about 4 to 8 minutes: the CUDA tests, the benchmark on the
+# Llama-3.2-1B shape (2,048 and 8,192 tokens), and full fine-tuning, LoRA, QLoRA and each with TokenTune on the
+# paper's Llama-2-7B shape (2,048 tokens). Results go to $OUT (default outputs/gpu_run); PARTS picks some of
+# "tests 1b 7b" (default all).
 #
 #     bash scripts/gpu_run.sh
+#     PARTS="tests 7b" bash scripts/gpu_run.sh
 #
-# Wheels in .whl/ (transformers, peft and their needs at the versions CI uses, liger-kernel) are installed first
-# when present, because the machine's own transformers may be older than this package is tested with. Fetch
-# them here (`echo /.whl/ >> .git/info/exclude` first) and name `.whl` in the device call's carry:
+# Wheels in .whl/ (transformers, peft and their needs at the versions CI uses, liger-kernel, bitsandbytes for
+# the 4-bit settings) are installed first when present, because the machine's own transformers may be older than
+# this package is tested with. Fetch them here (`echo /.whl/ >> .git/info/exclude` first) and name `.whl` in the
+# device call's carry:
 #
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #         transformers==5.25.0 peft==0.21.2 liger-kernel==0.8.5 huggingface_hub==2.4.0 kernels==0.19.1 \
 #         regex==2026.11.19 tokenizers==0.23.3 httpx2==2.16.2 httpcore2==2.16.2 truststore click==8.5.1 \
 #         hf-xet==1.8.0 tomlkit==0.15.3 anyio==4.16.0 idna==3.20 h11==0.16.0
+#
+# bitsandbytes' wheel (43 MB) holds a library for every CUDA version; the carry allows 64 MiB in all, so keep
+# only the CUDA 13 ones the machine's torch uses (7 MB), and drop the others from its RECORD:
+#
+#     whl=$PWD/.whl && python3 -m pip download --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 \
+#         -d /tmp/bnb bitsandbytes==0.50.2 && cd /tmp/bnb && mkdir w && cd w && unzip -q ../bitsandbytes-*.whl \
+#         && rm bitsandbytes/libbitsandbytes_{cuda1[12]*,rocm*,xpu*}.so \
+#         && sed -i -E '/libbitsandbytes_(cuda1[12]|rocm|xpu)/d' bitsandbytes-*.dist-info/RECORD \
+#         && zip -q -r "$whl/$(basename ../bitsandbytes-*.whl)" .
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_run}
+PARTS=${PARTS:-tests 1b 7b}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -26,9 +39,13 @@ python3 -c "import torch, transformers, peft, tokentune_peft; print('torch', tor
 transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$OUT/versions.txt"
 
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+[[ " $PARTS " == *" tests "* ]] \
+    && timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
 cd scripts
-timeout 200 python3 gpu_benchmark.py --output_dir "$OUT/llama-3.2-1b" --time_budget_s 150 2>&1 \
-    | tee "$OUT/benchmark_1b.log"
-timeout 90 python3 gpu_benchmark.py --model llama-2-7b --seq_lens 2048 --time_budget_s 40 --output_dir "$OUT/llama-2-7b" \
-    --settings full lora tokentune-0.3+lora tokentune-0.1+lora lora+gc tokentune-0.3 2>&1 | tee "$OUT/benchmark_7b.log"
+[[ " $PARTS " == *" 1b "* ]] && timeout 200 python3 gpu_benchmark.py --output_dir "$OUT/llama-3.2-1b" \
+    --time_budget_s 150 2>&1 | tee "$OUT/benchmark_1b.log"
+# The 4-bit settings load the model's random weights from a folder written once (about 13 GB, 1 to 2 minutes).
+[[ " $PARTS " == *" 7b "* ]] && timeout 330 python3 gpu_benchmark.py --model llama-2-7b --seq_lens 2048 \
+    --time_budget_s 240 --output_dir "$OUT/llama-2-7b" --settings full qlora tokentune-0.3+qlora tokentune-0.1+qlora \
+    lora tokentune-0.3+lora tokentune-0.1+lora lora+gc tokentune-0.3 2>&1 | tee "$OUT/benchmark_7b.log"
+exit 0

@@ -1,5 +1,5 @@
 """On a CUDA device: ratio 1.0 is the stock model (fp32 and bf16, both engines), and ratio 0.3 is the naive
-definition (fp32). Skipped without CUDA."""
+definition (fp32), over full-precision and 4-bit (bitsandbytes' CUDA kernels) weights. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+from peft import prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tokentune_peft.single_pass import auto_prefers_two_pass
 
@@ -60,6 +62,26 @@ def test_ratio_point_three_on_cuda_matches_naive_definition(engine, lora):
 
     assert torch.equal(output.selected_positions, selected)
     assert output.logits.device.type == "cuda"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_qlora_on_cuda_matches_naive_definition(engine, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    build_model("llama", TASK).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, device_map={"": "cuda"}, use_kernels=False
+    )
+    model = wrap(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), TASK, True, engine=engine)
+    batch = make_batch(model, TASK)
+    selected = fixed_selection(batch, "llama", TASK, model).cuda()
+
+    output = check_against_naive(model, on_cuda(batch), selected, TASK, *TOLERANCES[torch.float32])
+
+    assert torch.equal(output.selected_positions, selected)
+    assert any(type(module).__name__ == "Linear4bit" for module in model.modules())
 
 
 def test_auto_engine_runs_two_passes_on_cuda():

@@ -38,6 +38,9 @@ def test_smoke_run_writes_table_and_json_and_tokentune_saves_activations(tmp_pat
     assert measured["tokentune-0.3+lora+gc"]["saved_activation_bytes_vs_lora"] < 0.5
     assert saved["tokentune-0.3"] < saved["tokentune-0.3+dense1"] < 1.0  # one of llama-tiny's two layers is dense
     assert measured["lora"]["step_seconds_vs_lora"] == 1.0
+    assert measured["qlora"]["step_seconds_vs_qlora"] == 1.0
+    # A 4-bit base's weights are a fraction of LoRA's; TokenTune saves the same share of activations on either.
+    assert measured["tokentune-0.3+qlora"]["saved_activation_bytes_vs_qlora"] < 0.6
 
     assert rows["lora+liger"]["skipped"] == "Liger-Kernel needs a CUDA device"
     assert results["notes"] == ["lora+liger skipped: Liger-Kernel needs a CUDA device."]
@@ -72,11 +75,22 @@ def test_package_and_script_import_without_the_libraries_the_gpu_machine_lacks()
     assert completed.stdout.strip().splitlines()[-1] == "liger_kernel is not installed"
 
 
-@pytest.mark.parametrize("name", ["tokentune-0.3+dora", "qlora"])
+@pytest.mark.parametrize("name", ["tokentune-0.3+dora", "lora+lora2"])
 def test_settings_it_cannot_build_are_refused_before_anything_runs(name, tmp_path):
     with pytest.raises(ValueError, match="setting"):
         main(["--device", "cpu", "--settings", name, "--output_dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_four_bit_settings_are_refused_by_name_without_bitsandbytes(tmp_path):
+    code = (
+        f"import sys; sys.modules['bitsandbytes'] = None; sys.path.insert(0, {SCRIPTS!r}); import gpu_benchmark; "
+        f"gpu_benchmark.main(['--device', 'cpu', '--settings', 'lora', 'tokentune-0.3+qlora', '--output_dir', "
+        f"{str(tmp_path)!r}])"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0 and not any(tmp_path.iterdir())
+    assert "`settings` ['tokentune-0.3+qlora'] need a 4-bit base, and bitsandbytes is not installed" in completed.stderr
 
 
 def test_profile_script_times_and_profiles_each_setting_on_the_cpu(capsys):
