@@ -60,6 +60,8 @@ VIEWS = {
             "TokenTune 0.1, dense 1": "full fine-tuning",
             "TokenTune 0.1, dense 2": "full fine-tuning",
             "TokenTune 0.3, gradient checkpointing": "full fine-tuning",
+            "TokenTune 0.3, gradient": "full fine-tuning",
+            "TokenTune 0.1, gradient": "full fine-tuning",
         },
     ),
     "sft": PartView(
@@ -77,6 +79,7 @@ VIEWS = {
             "LoRA + TokenTune 0.3, gradient": "LoRA",
             "LoRA, gradient checkpointing": "LoRA",
             "QLoRA": "LoRA",
+            "LoRA + TokenTune 0.3, dense 2": "LoRA",
         },
     ),
 }

@@ -56,6 +56,15 @@ def row(method: str, test_mean: float, activation_mib: float, train_seconds: flo
             "train_seconds": train_seconds}  # fmt: skip
 
 
+@pytest.mark.parametrize("part", ["classification", "sft"])
+def test_every_method_but_the_references_is_compared_with_one(part):
+    """A method left out of its view's references would show no gap and could never meet a target."""
+    methods = {method.name for method in quality.PARTS[part].methods}
+    references = set(VIEWS[part].references.values())
+    assert references <= methods
+    assert methods - references == set(VIEWS[part].references)
+
+
 def test_the_frontier_holds_the_methods_no_other_beats_on_both_cost_and_metric():
     rows = [row("a", 0.80, 50), row("b", 0.79, 60), row("c", 0.83, 100), row("d", 0.82, 100), row("e", 0.84, 300)]
     assert frontier(rows, "activation_mib", VIEWS["classification"]) == ["a", "c", "e"]
