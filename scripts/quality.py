@@ -90,7 +90,8 @@ CLASSIFICATION_METHODS = (
         LORA_GRID,
         seeds=FIVE_SEEDS,
     ),
-    Method("TokenTune 0.1, dense 1", {"selection_ratio": 0.1, "dense_top_layers": 1}, FULL_GRID),
+    # It chose its grid's lower edge (5e-5): widened by one rate below it.
+    Method("TokenTune 0.1, dense 1", {"selection_ratio": 0.1, "dense_top_layers": 1}, (2.5e-5,) + FULL_GRID),
     Method("TokenTune 0.1, dense 2", {"selection_ratio": 0.1, "dense_top_layers": 2}, FULL_GRID),
     Method(
         "TokenTune 0.3, gradient checkpointing",
