@@ -289,20 +289,19 @@ def run_all(args: GpuBenchmarkArguments) -> tuple[list[dict], list[str]]:
     no_liger = liger_unavailable(device)
     start = time.perf_counter()
     rows, notes = [], []
-    staging = tempfile.TemporaryDirectory(prefix="gpu_benchmark_")  # the 4-bit settings' weights, saved once
-    for name in args.settings:
-        reason = None
-        if name.endswith(LIGER) and no_liger:
-            reason = no_liger
-        elif time.perf_counter() - start > args.time_budget_s:
-            reason = f"the time budget of {args.time_budget_s:.0f} s was spent"
-        if reason:
-            rows += [{"setting": name, "seq_len": seq_len, "skipped": reason} for seq_len in args.seq_lens]
-            notes.append(f"{name} skipped: {reason}.")
-        else:
-            rows += run_setting(args, name, device, staging.name)
-        print(f"{name}: {time.perf_counter() - start:.0f} s so far", flush=True)
-    staging.cleanup()
+    with tempfile.TemporaryDirectory(prefix="gpu_benchmark_") as staging:  # the 4-bit settings' weights, once
+        for name in args.settings:
+            reason = None
+            if name.endswith(LIGER) and no_liger:
+                reason = no_liger
+            elif time.perf_counter() - start > args.time_budget_s:
+                reason = f"the time budget of {args.time_budget_s:.0f} s was spent"
+            if reason:
+                rows += [{"setting": name, "seq_len": seq_len, "skipped": reason} for seq_len in args.seq_lens]
+                notes.append(f"{name} skipped: {reason}.")
+            else:
+                rows += run_setting(args, name, device, staging)
+            print(f"{name}: {time.perf_counter() - start:.0f} s so far", flush=True)
     return with_ratios(rows), notes
 
 
