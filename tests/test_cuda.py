@@ -10,7 +10,7 @@ import torch
 from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from tokentune_peft.single_pass import auto_prefers_two_pass
+from tokentune_peft.engine_choice import auto_prefers_two_pass
 
 from helpers import assert_same_grads, build_model, check_against_naive, fixed_selection, make_batch, wrap
 

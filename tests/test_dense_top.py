@@ -15,8 +15,9 @@ from transformers import DataCollatorWithFlattening, LlamaForCausalLM, Trainer
 
 from tokentune_peft import SavedTensorMeter, TokenTuneConfig, saved_activation_bytes
 from tokentune_peft.cli.model_configs import llama_config
-from tokentune_peft.dense_top import DenseTop, transformer_layers
+from tokentune_peft.layers import transformer_layers
 from tokentune_peft.trainer import TokenTuneTrainer
+from tokentune_peft.whole_batch import WholeBatchRows
 
 from helpers import (
     CONFIGS,
@@ -303,13 +304,13 @@ def test_the_field_round_trips_through_the_saved_config(tmp_path):
 def test_a_step_frees_its_state_without_the_garbage_collector(engine, monkeypatch):
     """A reference cycle through the step would keep its recorded tensors alive until a collection."""
     states = []
-    original = DenseTop.__init__
+    original = WholeBatchRows.__init__
 
     def recording_init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         states.append(weakref.ref(self))
 
-    monkeypatch.setattr(DenseTop, "__init__", recording_init)
+    monkeypatch.setattr(WholeBatchRows, "__init__", recording_init)
     model = wrap(build("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=True, dense_top_layers=1, engine=engine)
     batch = make_batch(model, "CAUSAL_LM")
     gc.collect()

@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .dense_top import DenseTop
+from .whole_batch import WholeBatchRows
 
 #: Stock attention implementations TokenTune can sit on top of.
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -103,6 +103,52 @@ def allowed_keys(
     return allowed | ~valid[:, None, :, None]
 
 
+def additive_row_mask(
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    query_positions: torch.Tensor,
+    valid: torch.Tensor,
+    seq_len: int,
+    dtype: torch.dtype,
+    blocked: float,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The rows of an attention call's mask for the queries at ``query_positions``, as an additive float mask
+    (0 where allowed, ``blocked`` elsewhere), with the boolean mask it came from; ``(None, None)`` when every key
+    is allowed. Arguments as in :func:`allowed_keys`.
+
+    Example:
+        >>> additive, _ = additive_row_mask(None, True, torch.tensor([[0]]), torch.tensor([[True]]), 2, torch.float32,
+        ...                                 float("-inf"))
+        >>> additive.tolist()
+        [[[[0.0, -inf]]]]
+    """
+    allowed = allowed_keys(mask, is_causal, query_positions, valid, seq_len)
+    if allowed is None:
+        return None, None
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return additive.masked_fill_(~allowed, blocked), allowed
+
+
+def call_is_causal(module: nn.Module, kwargs: dict) -> bool:
+    """Whether an attention call is causal where its mask is None: its ``is_causal`` keyword, else its module's.
+
+    Example:
+        >>> call_is_causal(nn.Module(), {"is_causal": False}), call_is_causal(nn.Module(), {})
+        (False, True)
+    """
+    is_causal = kwargs.get("is_causal")
+    return getattr(module, "is_causal", True) if is_causal is None else is_causal
+
+
+def no_attention_error() -> RuntimeError:
+    """The error of a step in which no attention call reached TokenTune's attention function."""
+    return RuntimeError(
+        "No attention call reached TokenTune's attention function: the model's attention does not go "
+        "through transformers' attention registry, or its attention implementation was changed after "
+        "wrapping."
+    )
+
+
 class PassOneObserver(Protocol):
     """Something that looks at every self-attention call of pass 1 (e.g. to score tokens)."""
 
@@ -122,13 +168,16 @@ class TokenTuneStep:
     Args:
         seq_len: length N of the full sequences.
         observer: optional :class:`PassOneObserver` called on every pass-1 attention.
-        dense: the step's dense top layers (:mod:`tokentune_peft.dense_top`), if any.
+        rows: the rows each layer runs in a whole-batch grad call (:mod:`tokentune_peft.whole_batch`), if the
+            step's grad call is one.
     """
 
-    def __init__(self, seq_len: int, observer: PassOneObserver | None = None, dense: DenseTop | None = None) -> None:
+    def __init__(
+        self, seq_len: int, observer: PassOneObserver | None = None, rows: WholeBatchRows | None = None
+    ) -> None:
         self.seq_len = seq_len
         self.observer = observer
-        self.dense = dense
+        self.rows = rows
         self.recording = True
         self.keys: dict[nn.Module, torch.Tensor] = {}
         self.values: dict[nn.Module, torch.Tensor] = {}
@@ -142,6 +191,13 @@ class TokenTuneStep:
     def num_recorded(self) -> int:
         return len(self.keys)
 
+    def attention(self, module: nn.Module, query, key, value, mask, stock: Callable, over_all_keys: Callable, kwargs):
+        """One self-attention call of the step: pass 1 records and runs ``stock``; pass 2 attends over all keys."""
+        if self.recording:
+            self.record(module, query, key, value, mask, call_is_causal(module, kwargs), kwargs.get("scaling"))
+            return stock(module, query, key, value, mask, **kwargs)
+        return self.attend(module, query, key, value, over_all_keys, kwargs)
+
     def record(self, module: nn.Module, query, key, value, mask, is_causal: bool, scaling: float | None) -> None:
         """Pass 1: keep this module's keys, values and mask for pass 2."""
         # Pass 2 writes into these tensors in place, which autograd refuses on views made without grad.
@@ -153,11 +209,11 @@ class TokenTuneStep:
 
     def runs_stock(self, module: nn.Module) -> bool:
         """Whether ``module``'s attention is the stock one in this step (it sits in a dense top layer)."""
-        return self.dense is not None and self.dense.runs_stock(module)
+        return self.rows is not None and self.rows.runs_stock(module)
 
-    def dense_layer_inputs(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """What a transformer layer runs on in this step (None: its own arguments); see :mod:`~.dense_top`."""
-        return self.dense.layer_inputs(self, layer, args, kwargs)
+    def layer_inputs(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """What a transformer layer runs on in this step (None: its own arguments); see :mod:`~.whole_batch`."""
+        return None if self.rows is None else self.rows.layer_inputs(self, layer, args, kwargs)
 
     def select(self, selected_positions: torch.Tensor) -> None:
         """End pass 1: pass 2 runs the tokens at ``selected_positions`` ([batch, k], -1 padded)."""
@@ -166,7 +222,7 @@ class TokenTuneStep:
         self.positions = selected_positions.clamp(min=0)  # padded slots hold a valid dummy index
         self.batch_index, self.slot_index = self.valid_slots.nonzero(as_tuple=True)
 
-    def attend(self, module: nn.Module, query, key, value, attend_all: Callable, kwargs: dict):
+    def attend(self, module: nn.Module, query, key, value, over_all_keys: Callable, kwargs: dict):
         """Pass 2: selected queries attend to all keys and values, the selected ones with gradient."""
         if module not in self.keys:
             raise RuntimeError(
@@ -178,7 +234,7 @@ class TokenTuneStep:
         mask, is_causal = self.masks[module]
         row_mask = self._row_mask(mask, is_causal, query.dtype)
         kwargs = {**kwargs, "is_causal": False}
-        return attend_all(module, query, all_keys, all_values, row_mask, **kwargs)
+        return over_all_keys(module, query, all_keys, all_values, row_mask, **kwargs)
 
     def _insert_selected(self, recorded: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         # recorded: [B, H, N, D]; selected: [B, H, k, D]. Indexing by (row, position) on the
@@ -196,11 +252,10 @@ class TokenTuneStep:
         """
         cache_key = (id(mask), is_causal, dtype)
         if cache_key not in self._row_masks:
-            allowed = allowed_keys(mask, is_causal, self.positions, self.valid_slots, self.seq_len)
-            if allowed is not None:
-                additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-                allowed = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
-            self._row_masks[cache_key] = allowed
+            blocked = torch.finfo(dtype).min
+            self._row_masks[cache_key], _ = additive_row_mask(
+                mask, is_causal, self.positions, self.valid_slots, self.seq_len, dtype, blocked
+            )
         return self._row_masks[cache_key]
 
 
@@ -223,15 +278,7 @@ def _tokentune_attention(base: str) -> Callable:
         if tokentune_step is None or tokentune_step.runs_stock(module):
             return stock(module, query, key, value, attention_mask, **kwargs)
         over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
-        step_attention = getattr(tokentune_step, "attention", None)  # the single-pass step's own routing
-        if step_attention is not None:
-            return step_attention(module, query, key, value, attention_mask, over_all_keys, kwargs)
-        if tokentune_step.recording:
-            is_causal = kwargs.get("is_causal")
-            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-            tokentune_step.record(module, query, key, value, attention_mask, is_causal, kwargs.get("scaling"))
-            return stock(module, query, key, value, attention_mask, **kwargs)
-        return tokentune_step.attend(module, query, key, value, over_all_keys, kwargs)
+        return tokentune_step.attention(module, query, key, value, attention_mask, stock, over_all_keys, kwargs)
 
     attention.__name__ = tokentune_implementation_name(base)
     return attention

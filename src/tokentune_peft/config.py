@@ -13,8 +13,8 @@ from peft import LoraConfig, PeftConfig
 from peft.utils import TaskType
 
 from . import __version__
+from .engine_choice import ENGINE_CHOICES
 from .selection.strategies import SELECTION_STRATEGIES, WITH_UNIFORM_SHARE
-from .single_pass import ENGINE_CHOICES
 
 PEFT_TYPE = "TOKENTUNE"
 CONFIG_NAME = "tokentune_config.json"
@@ -67,7 +67,7 @@ class TokenTuneConfig(PeftConfig):
             unlabelled tokens; for "importance" and "gradient", the share of the sampling probability
             spread evenly. Defaults to 0.2 for those three; not used by the others.
         engine (`str`): how a step runs: "auto" (one pass where it can run on a CPU, two passes otherwise),
-            "single-pass" (an error where it cannot run) or "two-pass"; see :mod:`tokentune_peft.single_pass`.
+            "single-pass" (an error where it cannot run) or "two-pass"; see :mod:`tokentune_peft.engine_choice`.
         dense_top_layers (`int`): how many of the last transformer layers run every token with autograd
             (0, the default, is plain TokenTune). The layers below stay token-selective; the loss covers
             every supervised token, as the stock model's; see :mod:`tokentune_peft.dense_top`.

@@ -20,13 +20,17 @@ detached outside S, with the loss on S: the TokenTune definition.
 
 Where it can, the engine runs the same step in a single pass instead (:mod:`tokentune_peft.single_pass`):
 the selected tokens' call of step 2 and a no-grad call over the other tokens hand over at every
-self-attention, so no token's forward runs twice. ``TokenTuneConfig.engine`` picks or forces either.
+self-attention, so no token's forward runs twice. ``TokenTuneConfig.engine`` picks or forces either
+(:mod:`tokentune_peft.engine_choice`).
+
+What varies between models is resolved once, when the model is wrapped: how the batch is read (token ids,
+embeddings, an image classifier's pixels, a vision-language merge: :mod:`tokentune_peft.step_inputs`) and
+which call carries gradient (the selected tokens, or the whole batch with its layers hooked:
+:mod:`tokentune_peft.grad_call`). A step reads top to bottom in :meth:`TokenTuneEngine.__call__`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,66 +41,15 @@ from peft.utils import TaskType
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .attention import TokenTuneStep
-from .dense_top import RUN, DenseTop, hidden_of, record_lower_layer_inputs, skipping
-from .multimodal import IMAGE_INPUTS as VLM_IMAGE_INPUTS
-from .multimodal import VISION_LANGUAGE_MODELS, merged_inputs_embeds
-from .outputs import with_selected_positions
-from .selection.labels import IGNORE_INDEX, selected_targets
-from .selection.sampling import PAD_POSITION, gather_positions, validate_selected_positions
+from .attention import TokenTuneStep, no_attention_error
+from .engine_choice import Engine, EngineChoice
+from .grad_call import SelectedTokensCall, WholeBatchCall, selected_inputs
+from .layers import hidden_of, skipping
+from .selection.labels import selected_targets
+from .selection.sampling import PAD_POSITION, validate_selected_positions
 from .selection.strategies import TokenSelector
-from .single_pass import (
-    AUTO,
-    SINGLE_PASS,
-    TWO_PASS,
-    SinglePassStep,
-    SinglePassUnsupported,
-    auto_prefers_two_pass,
-    single_pass_blocker,
-)
-from .vision import IMAGE_INPUTS, first_layer_input
-from .vision import TWO_PASS_REASON as IMAGE_TWO_PASS_REASON
-
-logger = logging.getLogger(__name__)
-
-#: Flash-attention "varlen" inputs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
-FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-UNSUPPORTED_INPUTS = {
-    "past_key_values": "It trains on whole sequences, without a cache.",
-    "encoder_hidden_states": "Cross-attention is not supported.",
-    "shift_labels": "Pass `labels`: TokenTune aligns the targets with the selected positions itself.",
-}
-
-
-def drop_varlen_boundaries(kwargs: dict, position_ids: torch.Tensor | None) -> None:
-    """Remove flash-attention "varlen" document boundaries from ``kwargs`` when ``position_ids`` say the same.
-
-    TokenTune runs on sdpa or eager attention, which ignore these keywords: the stock model keeps packed
-    documents apart by ``position_ids`` that restart at 0 per document (with no ``attention_mask``), and so
-    does TokenTune. Boundaries that disagree with the position ids are refused: no sdpa model honours them.
-
-    Example:
-        >>> kwargs = {"cu_seq_lens_q": torch.tensor([0, 2, 5]), "max_length_q": 3}
-        >>> drop_varlen_boundaries(kwargs, torch.tensor([[0, 1, 0, 1, 2]]))
-        >>> kwargs
-        {}
-    """
-    given = {name: kwargs.pop(name) for name in FLASH_VARLEN_KWARGS if kwargs.get(name) is not None}
-    if not given:
-        return
-    documents = None
-    if position_ids is not None:
-        flat = position_ids.flatten()
-        starts = (flat == 0).nonzero().flatten()
-        documents = torch.cat([starts, starts.new_tensor([flat.numel()])])
-    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
-        boundaries = given.get(name)
-        if boundaries is not None and (documents is None or not torch.equal(boundaries.to(documents), documents)):
-            raise ValueError(
-                f"`{name}` gives document boundaries that `position_ids` do not repeat. TokenTune runs on sdpa or "
-                "eager attention, which separate packed documents by `position_ids` restarting at 0 per document "
-                "(with no `attention_mask`); pass those."
-            )
+from .single_pass import SinglePassStep, SinglePassUnsupported
+from .step_inputs import ImageFeed, StepBatch, TextFeed
 
 
 def _check_head_selected(head: torch.Tensor | None, selected_positions: torch.Tensor) -> None:
@@ -112,7 +65,7 @@ class PreparedBatch:
 
     Args:
         selected_positions: [batch, k] positions, -1 padded; None when the strategy draws them in the
-            forward ("importance").
+            forward ("importance", "gradient").
         head_positions: [batch] where a sequence-classification head reads; None for other tasks.
         targets: the labels of the selected slots (:func:`~tokentune_peft.selection.labels.selected_targets`),
             None without labels or while the positions are unknown.
@@ -142,7 +95,6 @@ class PreparedBatch:
         return int(self.real_tokens.sum())
 
 
-@dataclass
 class TokenTuneEngine:
     """Runs TokenTune steps for one model.
 
@@ -151,34 +103,50 @@ class TokenTuneEngine:
         seed: seeds :attr:`generator`, which draws positions when the caller hands in none (a
             :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin` hands in its own, seeded from
             ``seed`` + its process index and saved in checkpoints).
-        engine: "auto" (the single pass where it can run on a CPU, else two passes), "single-pass" or "two-pass".
-        dense_top_layers: how many of the last ``layers`` run every token with autograd
-            (:mod:`tokentune_peft.dense_top`); 0 for plain TokenTune.
-        layers: the model's transformer layers (:func:`~tokentune_peft.dense_top.transformer_layers`); a
-            vision-language model's are its language model's.
-        vision_language: whether the model is a vision-language model (:mod:`tokentune_peft.multimodal`).
+        engine: the configured :class:`~tokentune_peft.engine_choice.Engine` ("auto", "single-pass", "two-pass").
+        feed: how the model's batches are read (:mod:`tokentune_peft.step_inputs`); token ids or embeddings
+            by default.
+        grad_call: the call that carries gradient (:mod:`tokentune_peft.grad_call`); the selected tokens' by
+            default.
 
-    After a step, ``engine_used`` says which step ran ("single-pass" or "two-pass") and
-    ``engine_reason`` why not the single pass (None when it ran).
+    After a step, :attr:`engine_used` says which step ran and :attr:`engine_reason` why not the single pass
+    (None when it ran).
+
+    Example:
+        >>> from tokentune_peft.selection import TokenSelector
+        >>> engine = TokenTuneEngine(TokenSelector("CAUSAL_LM", "none", True, None, 2))
+        >>> engine.choice.asked, type(engine.grad_call).__name__
+        (<Engine.AUTO: 'auto'>, 'SelectedTokensCall')
     """
 
-    selector: TokenSelector
-    seed: int = 0
-    engine: str = "auto"
-    dense_top_layers: int = 0
-    layers: list[nn.Module] = field(default_factory=list, repr=False)
-    vision_language: bool = False
-    engine_used: str | None = field(default=None, init=False)
-    engine_reason: str | None = field(default=None, init=False)
-    _single_pass_failure: str | None = field(default=None, init=False, repr=False)
-    _attention_calls: int | None = field(default=None, init=False, repr=False)  # per forward, from a single pass
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
+    def __init__(
+        self,
+        selector: TokenSelector,
+        seed: int = 0,
+        engine: Engine | str = Engine.AUTO,
+        feed: TextFeed | ImageFeed | None = None,
+        grad_call: SelectedTokensCall | WholeBatchCall | None = None,
+    ) -> None:
+        self.selector = selector
+        self.seed = seed
+        self.choice = EngineChoice(engine)
+        self.feed = TextFeed() if feed is None else feed
+        self.grad_call = SelectedTokensCall(selector.task_type) if grad_call is None else grad_call
+        self.generator = torch.Generator().manual_seed(seed)
 
     @property
     def task_type(self) -> str:
         return self.selector.task_type
+
+    @property
+    def engine_used(self) -> Engine | None:
+        """The engine that ran the last step."""
+        return self.choice.used
+
+    @property
+    def engine_reason(self) -> str | None:
+        """Why the last step did not run the single pass (None when it did)."""
+        return self.choice.reason
 
     def prepare(
         self,
@@ -239,177 +207,64 @@ class TokenTuneEngine:
     def __call__(
         self,
         model: nn.Module,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         selected_positions: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        trainer_generator: torch.Generator | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs: Any,
+        selection_generator: torch.Generator | None = None,
+        loss_counted_over_selection: bool = False,
+        **inputs: Any,
     ) -> ModelOutput:
-        """One TokenTune step of ``model`` (a transformers model) on a batch.
+        """One TokenTune step of ``model`` (a transformers model) on a batch given as the model's keywords.
 
-        The batch comes as ``input_ids`` or as ``inputs_embeds`` (embeddings computed outside the model,
-        soft prompts): the selected rows of ``inputs_embeds`` enter the selected tokens' call, so a tensor
-        that requires grad gets the gradient of the selected rows. An image classifier's batch comes as
-        ``pixel_values`` (:mod:`tokentune_peft.vision`); a vision-language model's as ``input_ids`` with
-        ``pixel_values``, merged into ``inputs_embeds`` first (:mod:`tokentune_peft.multimodal`).
+        The batch is read by the model's feed (:mod:`tokentune_peft.step_inputs`): ``input_ids`` or
+        ``inputs_embeds``, an image classifier's ``pixel_values``, or a vision-language model's ``input_ids``
+        with ``pixel_values``. ``attention_mask`` may be None, as in packed batches whose ``position_ids``
+        restart at 0 per document: pass 1 then builds the model's own per-document mask.
 
-        ``attention_mask`` may be None, as in packed batches whose ``position_ids`` restart at 0 per
-        document: pass 1 then builds the model's own per-document mask. ``trainer_generator`` is handed
-        in by :class:`~tokentune_peft.trainer.TokenTuneTrainerMixin`: its generator, for positions drawn
-        in the forward, and the sign that the caller counts the loss over the selected tokens. Other
-        keywords (``num_items_in_batch``, ``output_router_logits``, TRL's ``fused_lm_head``...) reach the
-        model's forward in pass 2, which computes its own loss on the selected slots.
+        ``selection_generator`` draws positions drawn in the forward (the Trainer hands in its own);
+        ``loss_counted_over_selection`` says that the caller's loss count (``num_items_in_batch``) is over
+        the selected tokens, which a Trainer that prepared the batch knows. Other keywords
+        (``num_items_in_batch``, ``output_router_logits``, TRL's ``fused_lm_head``...) reach the model's
+        forward in the call that carries gradient, which computes its own loss.
         """
-        if input_ids is None and inputs_embeds is None and kwargs.get("pixel_values") is not None:
-            return self._image_step(model, labels, selected_positions, trainer_generator, kwargs)
-        image_inputs = {name: kwargs.pop(name) for name in VLM_IMAGE_INPUTS if kwargs.get(name) is not None}
-        if image_inputs:  # a vision-language model: the step runs on its language model's merged sequence
-            if not self.vision_language or input_ids is None or inputs_embeds is not None:
-                raise ValueError(
-                    "Images (`pixel_values`) go with `input_ids` to a vision-language model "
-                    f"({', '.join(VISION_LANGUAGE_MODELS)}), whose image tokens mark where the images go."
-                )
-            input_ids, inputs_embeds = None, merged_inputs_embeds(model, input_ids, attention_mask, image_inputs)
-        tokens = self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, kwargs)
-        kwargs.pop("use_cache", None)
-        drop_varlen_boundaries(kwargs, position_ids)
-        if selected_positions is None and not self.dense_top_layers:  # drawn here: the count cannot be over them
-            self._check_loss_count(trainer_generator is not None, kwargs)
-        generator = self.generator if trainer_generator is None else trainer_generator
-        prepared = self.prepare(model, input_ids, attention_mask, labels, selected_positions, generator, inputs_embeds)
-        positions = self._full_position_ids(model, tokens, position_ids)
-        backbone_inputs = {**tokens, "attention_mask": attention_mask, "position_ids": positions}
-        if token_type_ids is not None:
-            backbone_inputs["token_type_ids"] = token_type_ids
-        single_pass = self._use_single_pass(model, drawn_in_forward=prepared.selected_positions is None)
-        step, selected_positions = None, prepared.selected_positions
-        dense = self._dense_top(positions.shape[1])
-        if not single_pass:
-            step, selected_positions = self._pass_one(model, backbone_inputs, labels, prepared, generator, dense)
-        selected_inputs = self._selected_inputs(model, backbone_inputs, selected_positions)
-        supervised = True
-        if self.dense_top_layers:  # the stock call on the whole batch; the layers below the top take the selected rows
-            grad_inputs = {**backbone_inputs, "use_cache": False}
-            if labels is not None:
-                grad_inputs["labels"] = labels
-        else:
-            drawn_in_forward = prepared.selected_positions is None
-            targets = self._targets(labels, selected_positions) if drawn_in_forward else prepared.targets
-            grad_inputs, supervised = self._with_targets(selected_inputs, targets, kwargs)
-        output = None
-        if single_pass:  # None if the single pass gave up on this model
-            output = self._single_pass(
-                model, backbone_inputs, selected_positions, {**grad_inputs, **kwargs}, selected_inputs
-            )
-        if output is None:
-            if step is None:
-                step, _ = self._pass_one(model, backbone_inputs, labels, prepared, generator, dense)
-            step.select(selected_positions)
-            if step.dense is not None:
-                record_lower_layer_inputs(model.base_model, step.dense, selected_inputs, step)
-                step.dense.phase = RUN
-            output = model(**grad_inputs, **kwargs, tokentune_step=step)
-        if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
-            output["loss"] = output["logits"].sum() * 0.0
-        return with_selected_positions(output, selected_positions)
-
-    def _image_step(self, model, labels, selected_positions, trainer_generator, kwargs: dict) -> ModelOutput:
-        """A step of an image classifier fed ``pixel_values`` (:mod:`tokentune_peft.vision`): two passes, the
-        grad call being the stock call on the whole batch, whose first layer takes the selected rows."""
-        if self.engine == SINGLE_PASS:
-            raise ValueError(f"TokenTuneConfig(engine={SINGLE_PASS!r}) cannot run this step: {IMAGE_TWO_PASS_REASON}.")
-        self._announce(TWO_PASS, IMAGE_TWO_PASS_REASON)
-        generator = self.generator if trainer_generator is None else trainer_generator
-        backbone_inputs = {name: kwargs[name] for name in IMAGE_INPUTS if name in kwargs}
-        sequence = first_layer_input(model.base_model, backbone_inputs)
-        prepared = self.prepare(model, None, None, labels, selected_positions, generator, inputs_embeds=sequence)
-        dense = DenseTop(self.layers, self.dense_top_layers, sequence.shape[1])
-        step, selected_positions = self._pass_one(model, backbone_inputs, labels, prepared, generator, dense)
-        step.select(selected_positions)
-        dense.phase = RUN
-        output = model(**kwargs, labels=labels, tokentune_step=step)
-        return with_selected_positions(output, selected_positions)
+        batch = self.feed.read(model, inputs)
+        self.grad_call.check(batch)
+        if selected_positions is None and not self.grad_call.covers_every_position:
+            self._check_loss_count(loss_counted_over_selection, batch.extra)
+        generator = self.generator if selection_generator is None else selection_generator
+        prepared = self.prepare(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.labels,
+            selected_positions,
+            generator,
+            batch.inputs_embeds,
+        )
+        drawn_in_forward = self.selector.strategy if prepared.selected_positions is None else None
+        engine = self.choice.choose(model, drawn_in_forward, self.feed.single_pass_blocker)
+        output = self._single_pass(model, batch, prepared) if engine == Engine.SINGLE_PASS else None
+        return self._two_pass(model, batch, prepared, generator) if output is None else output
 
     def _targets(self, labels: torch.Tensor | None, selected_positions: torch.Tensor | None) -> torch.Tensor | None:
         if labels is None or (selected_positions is None and self.task_type != TaskType.SEQ_CLS):
             return None
         return selected_targets(self.task_type, labels, selected_positions)
 
-    @staticmethod
-    def _selected_inputs(model, backbone_inputs: dict, selected_positions) -> dict:
-        """The inputs of a call of ``model`` on the selected tokens: their ids (or embeddings), original
-        positions and types."""
-        valid = selected_positions != PAD_POSITION
-        inputs = gather_positions(backbone_inputs, selected_positions)
-        pad_id = getattr(model.config, "pad_token_id", None)
-        if "input_ids" in inputs and pad_id is not None:  # a decoder classification head reads the last non-pad slot
-            inputs["input_ids"] = inputs["input_ids"].masked_fill(~valid, pad_id)
-        # Which slots hold a token. The selected queries' attention uses the recorded masks; this one is
-        # for what the model computes per token, such as an MoE router's load-balancing loss.
-        inputs["attention_mask"] = valid.long()
-        inputs["use_cache"] = False
-        return inputs
-
-    def _with_targets(self, selected_inputs: dict, targets: torch.Tensor | None, kwargs: dict) -> tuple[dict, bool]:
-        """The selected tokens' inputs with their targets, and whether any target is supervised."""
-        inputs, supervised = dict(selected_inputs), True
-        if targets is not None:
-            inputs["labels"] = targets
-            if self.task_type == TaskType.CAUSAL_LM:
-                inputs["shift_labels"] = targets  # aligned with the slots: nothing shifts across non-neighbours
-            if self.task_type != TaskType.SEQ_CLS:
-                supervised = bool((targets != IGNORE_INDEX).any())
-                if not supervised and kwargs.get("num_items_in_batch") is None:
-                    kwargs["num_items_in_batch"] = 1  # a sum over no terms: zero loss, not 0 / 0
-        return inputs, supervised
-
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, labels, kwargs: dict) -> dict:
-        """Check a step's inputs; returns the batch's tokens: ``{"input_ids": ...}`` or ``{"inputs_embeds": ...}``."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("A TokenTune training step needs exactly one of `input_ids` and `inputs_embeds`.")
-        if inputs_embeds is not None and inputs_embeds.dim() != 3:
-            raise ValueError(
-                f"`inputs_embeds` must be [batch, sequence, hidden]; got shape {tuple(inputs_embeds.shape)}."
-            )
-        name, sequence = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
-        shape = tuple(sequence.shape[:2])
-        for unsupported, why in UNSUPPORTED_INPUTS.items():
-            if kwargs.get(unsupported) is not None:
-                raise ValueError(f"A TokenTune training step does not take `{unsupported}`. {why}")
-        if self.dense_top_layers and kwargs.get("output_router_logits"):
-            raise ValueError(
-                "`output_router_logits=True` cannot be combined with `dense_top_layers`: the router's load-balancing "
-                "loss would mix the selected tokens of the layers below with every token of the top layers."
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != shape:
-            raise ValueError(
-                f"`attention_mask` must have the [batch, sequence] shape of `{name}` {shape}; "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        if labels is not None and labels.dim() == 2 and tuple(labels.shape) != shape:
-            raise ValueError(f"`labels` of shape {tuple(labels.shape)} do not match `{name}` {shape}.")
-        return {name: sequence}
-
-    def _check_loss_count(self, counted_by_trainer: bool, kwargs: dict) -> None:
+    def _check_loss_count(self, counted_over_selection: bool, extra: dict) -> None:
         """Refuse a caller whose loss count cannot be over the selected tokens.
 
         Positions drawn in this forward are unknown to the caller, so a ``num_items_in_batch`` it
         passes counts every supervised token, and TRL's trainers divide the fused head's losses by such
         a count outside the model: the loss would shrink by about the ratio, silently.
         """
-        if counted_by_trainer or self.task_type == TaskType.SEQ_CLS:  # a sequence loss does not count tokens
+        if counted_over_selection or self.task_type == TaskType.SEQ_CLS:  # a sequence loss does not count tokens
             return
-        if kwargs.get("fused_lm_head"):
+        if extra.get("fused_lm_head"):
             raise ValueError(
                 "TRL's trainers normalise the loss by a count of every supervised token, while TokenTune trains "
                 "on the selected ones. Use tokentune_peft.sft_trainer.TokenTuneSFTTrainer instead of SFTTrainer "
                 "(or mix tokentune_peft.trainer.TokenTuneTrainerMixin into your TRL trainer)."
             )
-        if kwargs.get("num_items_in_batch") is not None:
+        if extra.get("num_items_in_batch") is not None:
             raise ValueError(
                 "`num_items_in_batch` was given for a step whose positions are drawn in this forward, so it counts "
                 "every supervised token, not the selected ones; the loss would shrink by about the selection ratio. "
@@ -417,93 +272,59 @@ class TokenTuneEngine:
                 "Trainer subclass), or pass `selected_positions` and count their supervised tokens."
             )
 
-    def _use_single_pass(self, model: nn.Module, drawn_in_forward: bool) -> bool:
-        """Whether this step runs in a single pass; logs the engine when the choice changes."""
-        strategy = self.selector.strategy if drawn_in_forward else None
-        reason = single_pass_blocker(model, strategy) if self.engine != TWO_PASS else "the config asks for it"
-        if reason is None:
-            reason = self._single_pass_failure
-        if reason is None and self.engine == AUTO:
-            reason = auto_prefers_two_pass(next(model.parameters()).device)
-        if reason is not None and self.engine == SINGLE_PASS:
-            raise ValueError(f"TokenTuneConfig(engine={SINGLE_PASS!r}) cannot run this step: {reason}.")
-        self._announce(SINGLE_PASS if reason is None else TWO_PASS, reason)
-        return reason is None
-
-    def _announce(self, engine: str, reason: str | None) -> None:
-        if (engine, reason) != (self.engine_used, self.engine_reason):
-            why = "" if reason is None else f" ({reason})"
-            logger.info("TokenTune runs the %s step%s.", engine, why)
-        self.engine_used, self.engine_reason = engine, reason
-
-    def _dense_top(self, seq_len: int) -> DenseTop | None:
-        return DenseTop(self.layers, self.dense_top_layers, seq_len) if self.dense_top_layers else None
-
-    def _single_pass(self, model, backbone_inputs: dict, selected_positions, grad_inputs: dict, selected_inputs):
-        """The grad group's output of a single-pass step, or None if the model cannot run one."""
-        seq_len = backbone_inputs["position_ids"].shape[1]
-        dense = self._dense_top(seq_len)
+    def _single_pass(self, model: nn.Module, batch: StepBatch, prepared: PreparedBatch) -> ModelOutput | None:
+        """A single-pass step's output, or None if the single pass gave up on this model."""
+        selected = prepared.selected_positions
+        selected_call = selected_inputs(model, batch, selected)
+        grad_inputs, supervised = self.grad_call.inputs(batch, selected_call, prepared.targets)
+        rows = self.grad_call.new_rows(batch.seq_len)
         # With dense top layers the no-grad group already stops below them.
-        calls = self._attention_calls if dense is None else None
-        step = SinglePassStep(seq_len, selected_positions, dense=dense, attention_calls=calls)
+        calls = self.choice.attention_calls if rows is None else None
+        step = SinglePassStep(batch.seq_len, selected, rows=rows, attention_calls=calls)
         try:
-            output = step.run(model, backbone_inputs, grad_inputs, selected_inputs)
-            if dense is None:
-                self._attention_calls = step.attended
-            return output
+            start_grad_call = partial(self.grad_call.start, model, step, selected_call)
+            output = step.run(model, batch.backbone_inputs, grad_inputs, start_grad_call)
         except SinglePassUnsupported as error:
-            if self.engine == SINGLE_PASS:
-                raise
-            logger.warning("TokenTune falls back to the two-pass step for this model: %s", error)
-            self._single_pass_failure = str(error)
-            self._announce(TWO_PASS, str(error))
+            self.choice.single_pass_failed(error)
             return None
+        if rows is None:
+            self.choice.attention_calls = step.attended
+        return self.grad_call.finish(output, supervised, selected)
 
-    def _pass_one(self, model, backbone_inputs: dict, labels, prepared, generator, dense: DenseTop | None):
-        """Pass 1 of the two-pass step (no autograd, all tokens), and the positions pass 2 runs: those
-        prepared, or drawn from the scores pass 1 measured ("importance", "gradient").
+    def _two_pass(self, model: nn.Module, batch: StepBatch, prepared: PreparedBatch, generator) -> ModelOutput:
+        """Pass 1 (no autograd, all tokens), then the grad call on the positions prepared or drawn from pass 1."""
+        step = TokenTuneStep(batch.seq_len, rows=self.grad_call.new_rows(batch.seq_len))
+        selected = self._pass_one(model, batch, prepared, generator, step)
+        step.select(selected)
+        targets = prepared.targets if prepared.selected_positions is not None else self._targets(batch.labels, selected)
+        selected_call = selected_inputs(model, batch, selected)
+        grad_inputs, supervised = self.grad_call.inputs(batch, selected_call, targets)
+        self.grad_call.start(model, step, selected_call)
+        output = model(**grad_inputs, tokentune_step=step)
+        return self.grad_call.finish(output, supervised, selected)
 
-        Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks
-        (per document in a packed batch)."""
-        real_tokens = prepared.real_tokens
-        input_ids = backbone_inputs.get("input_ids")
-        seq_len = real_tokens.shape[1]
-        observer = None
+    def _pass_one(self, model, batch: StepBatch, prepared: PreparedBatch, generator, step: TokenTuneStep):
+        """Run pass 1 into ``step``; returns the positions of pass 2: those prepared, or drawn from the scores pass 1
+        measured ("importance", "gradient").
+
+        Pass 1 gets the caller's ``attention_mask``, None included, so the model builds its own masks (per document
+        in a packed batch). With dense top layers it skips them, keeping the first one's input.
+        """
         if prepared.selected_positions is None:
-            observer = self.selector.importance_meter(model, input_ids, real_tokens, labels)
-        step = TokenTuneStep(seq_len, observer=observer, dense=dense)
-        dense_inputs: dict = {}  # with dense top layers, pass 1 skips them, keeping the first one's input
-        skip_top = skipping(step.dense.top, dense_inputs) if step.dense is not None else contextlib.nullcontext()
-        with torch.no_grad(), skip_top:
-            last_hidden = model.base_model(**backbone_inputs, use_cache=False, tokentune_step=step)[0]
-        if step.dense is not None and step.dense.top:
-            step.dense.base = hidden_of(*dense_inputs[step.dense.first_dense])
-        if step.num_recorded == 0 and (step.dense is None or step.dense.lower):
-            raise RuntimeError(
-                "No attention call reached TokenTune's attention function: the model's attention does not go "
-                "through transformers' attention registry, or its attention implementation was changed after "
-                "wrapping."
-            )
-        if observer is None:
-            return step, prepared.selected_positions
-        scores = self.selector.pass_one_scores(model, observer, last_hidden, labels)
-        selected = self.selector.sample(model, input_ids, real_tokens, labels, generator, scores)
+            step.observer = self.selector.importance_meter(model, batch.input_ids, prepared.real_tokens, batch.labels)
+        top = [] if step.rows is None else step.rows.top
+        top_inputs: dict = {}
+        with torch.no_grad(), skipping(top, top_inputs):
+            last_hidden = model.base_model(**batch.backbone_inputs, use_cache=False, tokentune_step=step)[0]
+        if top:
+            step.rows.base = hidden_of(*top_inputs[step.rows.first_dense])
+        if step.num_recorded == 0 and (step.rows is None or step.rows.lower):
+            raise no_attention_error()
+        if step.observer is None:
+            return prepared.selected_positions
+        scores = self.selector.pass_one_scores(model, step.observer, last_hidden, batch.labels)
+        selected = self.selector.sample(
+            model, batch.input_ids, prepared.real_tokens, batch.labels, generator, scores=scores
+        )
         _check_head_selected(prepared.head_positions, selected)
-        return step, selected
-
-    @staticmethod
-    def _full_position_ids(model: nn.Module, tokens: dict, position_ids: torch.Tensor | None):
-        """Position ids of every token, as the model would compute them when none are given."""
-        ((name, sequence),) = tokens.items()
-        batch, seq_len = sequence.shape[:2]
-        if position_ids is not None:
-            if position_ids.shape[-1] != seq_len:
-                raise ValueError(
-                    f"`position_ids` must have {seq_len} positions per row; got shape {tuple(position_ids.shape)}."
-                )
-            return position_ids.expand(batch, seq_len)
-        embeddings = getattr(model.base_model, "embeddings", None)
-        from_tokens = getattr(type(embeddings), f"create_position_ids_from_{name}", None)
-        if from_tokens is not None:  # RoBERTa family: positions skip padding and start after padding_idx
-            return from_tokens(sequence, embeddings.padding_idx)
-        return torch.arange(seq_len, device=sequence.device).expand(batch, seq_len)
+        return selected

@@ -36,17 +36,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft.utils import TaskType
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .layers import Call, skipping
 
 #: Supported vision-language models: their language model's sequence is the text embeddings with the image
 #: features written over the image tokens, and its positions count up (no multimodal rotary positions).
 VISION_LANGUAGE_MODELS = ("LlavaForConditionalGeneration", "Idefics3ForConditionalGeneration")
 #: The image inputs a step computes the merged sequence from.
-IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
-
-
-class _Merged(Exception):
-    """Raised once the language model receives the merged sequence: nothing more is needed."""
+VISION_LANGUAGE_IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
 
 
 def is_vision_language_model(model: nn.Module) -> bool:
@@ -71,7 +71,7 @@ def check_vision_language_model_supported(model: nn.Module, task_type: str) -> N
             f"{', '.join(VISION_LANGUAGE_MODELS)} (others may give their language model multimodal positions, "
             "prefix attention over the image, or sequences that the merge changes in length)."
         )
-    if task_type != "CAUSAL_LM":
+    if task_type != TaskType.CAUSAL_LM:
         raise ValueError(f"{name} generates text: use task_type='CAUSAL_LM'; got {task_type!r}.")
 
 
@@ -84,18 +84,13 @@ def merged_inputs_embeds(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_inputs: dict[str, Any]
 ) -> torch.Tensor:
     """[batch, N, hidden]: the sequence ``model``'s language model receives, image features in place of image
-    tokens, computed with autograd (the vision tower and projector run; the language model does not)."""
-    captured: dict[str, torch.Tensor] = {}
+    tokens, computed with autograd (the vision tower and projector run; the language model is skipped)."""
+    language = language_model(model)
+    record: dict[nn.Module, Call] = {}
 
-    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["inputs_embeds"] = kwargs["inputs_embeds"]
-        raise _Merged
+    def skipped(args: tuple, kwargs: dict) -> BaseModelOutputWithPast:
+        return BaseModelOutputWithPast(last_hidden_state=kwargs["inputs_embeds"])
 
-    handle = language_model(model).register_forward_pre_hook(capture, with_kwargs=True)
-    try:
+    with skipping([language], record, result=skipped):
         model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **image_inputs)
-    except _Merged:
-        pass
-    finally:
-        handle.remove()
-    return captured["inputs_embeds"]
+    return record[language][1]["inputs_embeds"]

@@ -13,14 +13,15 @@ They meet in every self-attention, through the attention function TokenTune regi
 transformers: the no-grad group arrives first and leaves its keys and values; the grad group writes
 its own, differentiable keys and values beside them, its queries attend to all N tokens, and it
 hands the detached keys and values back; the no-grad group's queries attend to them in turn. The
-two calls run in strict alternation (one thread runs at a time, in a fixed order), so the random
-number stream, and with it dropout, is the same from run to run.
+two calls run in strict alternation (:mod:`tokentune_peft.alternation`: one thread runs at a time, in a
+fixed order), so the random number stream, and with it dropout, is the same from run to run.
 
 Each group's queries need the rows of the model's own full-sequence masks (causal, padding, sliding
 window, packed documents), which the model builds from its inputs before its layers run. A short
-**probe** builds them: the backbone starts on the whole batch without autograd and stops where its
-first layer starts (embeddings only). The groups' own calls then receive those masks in place of the
-ones they would build from their partial rows (:func:`tokentune_peft.attention.mask_hook`).
+**probe** builds them: the backbone runs on the whole batch without autograd with every transformer
+layer skipped (:func:`~tokentune_peft.layers.skipping`: embeddings and masks only). The groups' own
+calls then receive those masks in place of the ones they would build from their partial rows
+(:func:`tokentune_peft.attention.mask_hook`).
 
 Nothing reads the no-grad group's output: once it has handed over the keys and values of the last
 self-attention, the rest of its forward (that attention for its queries, the last layers' feed-forward,
@@ -33,10 +34,10 @@ and a run resumed from a checkpoint trains as the whole run.
 
 The no-grad group's queries attend in up to ``ATTENTION_BLOCKS`` blocks, each over the span of keys its
 mask allows, so a causal mask costs about half of its scores, as the stock causal kernel does. The grad
-group's attend in one call: in blocks, more bytes were kept for backward (1.058 x ideal, against 1.023).
+group's attend in one call, which keeps fewer bytes for backward (docs/benchmarks.md).
 
-Where the single pass cannot run, :func:`single_pass_blocker` names the reason and the engine runs
-the two-pass step instead.
+Where the single pass cannot run, :mod:`tokentune_peft.engine_choice` names the reason and the engine
+runs the two-pass step instead.
 
 The gradient is the TokenTune gradient, as with two passes: only the selected rows and all tokens'
 keys and values are kept for backward.
@@ -44,9 +45,8 @@ keys and values are kept for backward.
 
 from __future__ import annotations
 
-import contextvars
-import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any
 
@@ -54,15 +54,19 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention import TokenTuneStep, _sdpa_over_all_keys, allowed_keys, mask_hook
-from .dense_top import RUN, DenseTop, StopForward, hidden_of, record_lower_layer_inputs
+from .alternation import Alternation
+from .attention import (
+    TokenTuneStep,
+    _sdpa_over_all_keys,
+    additive_row_mask,
+    call_is_causal,
+    mask_hook,
+    no_attention_error,
+)
+from .layers import hidden_of, skipping
 from .selection.sampling import PAD_POSITION, gather_positions
+from .whole_batch import WholeBatchRows
 
-SINGLE_PASS = "single-pass"
-TWO_PASS = "two-pass"
-AUTO = "auto"
-ENGINE_CHOICES = (AUTO, SINGLE_PASS, TWO_PASS)
-GRAD, NO_GRAD = "grad", "no-grad"
 #: The no-grad group's attention runs in up to this many blocks of queries, each over the keys they may see.
 ATTENTION_BLOCKS = 4
 MIN_BLOCK_QUERIES = 32
@@ -72,12 +76,8 @@ class SinglePassUnsupported(RuntimeError):
     """The model did something the single pass cannot follow; the engine reruns the step in two passes."""
 
 
-class _ProbeDone(Exception):
-    """Raised at the probe's first attention call, once the model has built its masks."""
-
-
-class _Aborted(Exception):
-    """Raised in the no-grad group when the grad group failed: it must stop, not wait forever."""
+class StopForward(Exception):
+    """Raised in the no-grad group once it has computed all that is read of it."""
 
 
 def complement_positions(selected_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -96,66 +96,6 @@ def complement_positions(selected_positions: torch.Tensor, seq_len: int) -> torc
     # Sort the kept positions first, in order; the others (key seq_len + i) after them.
     order = torch.where(rest, index, seq_len + index).sort(dim=1).values[:, :width]
     return torch.where(order < seq_len, order, PAD_POSITION)
-
-
-def _has_dropout(model: nn.Module) -> bool:
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return True
-        for name in ("attention_dropout", "dropout", "dropout_prob", "attn_dropout"):
-            value = getattr(module, name, None)
-            if isinstance(value, float) and value > 0:
-                return True
-    return False
-
-
-def single_pass_blocker(model: nn.Module, drawn_in_forward: str | None) -> str | None:
-    """Why the single pass cannot run a step of ``model`` (a transformers model), or None if it can;
-    ``drawn_in_forward`` names the selection strategy that draws the step's positions in the forward, if any.
-
-    Example:
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        ...                                      num_attention_heads=2, vocab_size=64))
-        >>> single_pass_blocker(model, drawn_in_forward=None) is None
-        True
-        >>> single_pass_blocker(model, drawn_in_forward="importance")
-        "selection 'importance' draws the positions from a full no-grad pass"
-    """
-    if drawn_in_forward is not None:
-        return f"selection {drawn_in_forward!r} draws the positions from a full no-grad pass"
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    if any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()):
-        return "FSDP's hooks gather and free each layer's weights around one call at a time"
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if checkpointing and _has_dropout(model):
-        return (
-            "gradient checkpointing replays each layer's random numbers, which the two groups draw interleaved, "
-            "so dropout would differ in the recomputation"
-        )
-    return None
-
-
-def auto_prefers_two_pass(device: torch.device) -> str | None:
-    """Why ``engine="auto"`` runs two passes on ``device`` although the single pass could run, or None.
-
-    The single pass hands the turn between its two row groups' threads at every layer. On a CPU each
-    group's operators are long and the single pass is the faster engine; on a GPU they are kernel launches,
-    the hand-overs serialize them, and two passes ran about three times faster (Llama-3.2-1B shape, bf16,
-    2,048 tokens, H200: 126 ms against 436 ms per step; docs/benchmarks.md).
-
-    Example:
-        >>> auto_prefers_two_pass(torch.device("cpu")) is None
-        True
-        >>> auto_prefers_two_pass(torch.device("cuda"))
-        'on a cuda device two passes are faster than the single pass'
-    """
-    if device.type == "cpu":
-        return None
-    return f"on a {device.type} device two passes are faster than the single pass"
 
 
 def _attention_blocks(allowed: torch.Tensor, seq_len: int) -> list[tuple[int, int, int, int]]:
@@ -256,14 +196,12 @@ class _Rows:
         (its masked keys at -inf), an even average from eager attention (at the dtype's minimum)."""
         key = (id(mask), is_causal, dtype)
         if key not in self.row_masks:
-            allowed = allowed_keys(mask, is_causal, self.positions, self.valid, seq_len)
+            blocked = float("-inf") if sdpa else torch.finfo(dtype).min
             blocks = None
-            if allowed is not None:
-                additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-                additive.masked_fill_(~allowed, float("-inf") if sdpa else torch.finfo(dtype).min)
+            additive, allowed = additive_row_mask(mask, is_causal, self.positions, self.valid, seq_len, dtype, blocked)
+            if additive is not None:
                 blocks = _mask_blocks(additive, allowed & self.valid[:, None, :, None], seq_len)
-                allowed = additive
-            self.row_masks[key] = allowed, blocks
+            self.row_masks[key] = additive, blocks
         return self.row_masks[key]
 
 
@@ -275,14 +213,14 @@ class SinglePassStep(TokenTuneStep):
     into them and attends with :meth:`~tokentune_peft.attention.TokenTuneStep.attend`, exactly as pass 2
     of the two-pass step does; the no-grad group's queries attend to the completed, detached tensors.
 
-    With dense top layers (``dense``), the grad group's call is the model's call on the whole batch, its
-    layers below the top running the selected rows (:mod:`tokentune_peft.dense_top`), and the no-grad group
+    With a whole-batch grad call (``rows``), the grad group's call is the model's call on the whole batch, its
+    layers below the top running the selected rows (:mod:`tokentune_peft.whole_batch`), and the no-grad group
     stops at the first dense layer, handing over its rows of that layer's input.
 
     Args:
         seq_len: length N of the full sequences.
         selected_positions: [batch, k] positions of the grad group, -1 padded.
-        dense: the step's dense top layers, if any.
+        rows: the rows each layer runs in a whole-batch grad call, if the step's grad call is one.
         attention_calls: self-attention calls of the model's forward, if known (an earlier step's
             :attr:`attended`); the no-grad group stops once it has recorded the last one.
     """
@@ -291,10 +229,10 @@ class SinglePassStep(TokenTuneStep):
         self,
         seq_len: int,
         selected_positions: torch.Tensor,
-        dense: DenseTop | None = None,
+        rows: WholeBatchRows | None = None,
         attention_calls: int | None = None,
     ) -> None:
-        super().__init__(seq_len, dense=dense)
+        super().__init__(seq_len, rows=rows)
         self.attention_calls = attention_calls
         self.recorded = 0  # the no-grad group's attention calls so far
         self.attended = 0  # the grad group's, in its forward
@@ -303,22 +241,17 @@ class SinglePassStep(TokenTuneStep):
         self.built_masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
         self.probing = True
         self.finished = False  # the forward is over: attention calls now are gradient checkpointing's replays
+        self.alternation = Alternation(stops=(StopForward,))
         self._next_module: nn.Module | None = None
-        self._turn = NO_GRAD
-        self._condition = threading.Condition()
-        self._no_grad_done = False
-        self._error: BaseException | None = None
         self._device: torch.device | None = None
         self._random_state_after_last_hand_over: torch.Tensor | None = None
-        self._aborted = False
-        self._no_grad_thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"SinglePassStep(seq_len={self.seq_len}, probing={self.probing}, finished={self.finished})"
 
     # Masks -------------------------------------------------------------------------------------------
 
-    def record_masks(self) -> Any:
+    def record_masks(self) -> AbstractContextManager:
         """Context for the probe: keep every mask the model builds, in order."""
 
         def hook(build: Callable, *args: Any, **kwargs: Any):
@@ -328,7 +261,7 @@ class SinglePassStep(TokenTuneStep):
 
         return mask_hook(hook)
 
-    def replay_masks(self) -> Any:
+    def replay_masks(self) -> AbstractContextManager:
         """Context for a group's call: hand out the probe's masks, in the order the model asks for them."""
         masks = iter(self.built_masks)
 
@@ -342,26 +275,24 @@ class SinglePassStep(TokenTuneStep):
 
         return mask_hook(hook)
 
-    # Dense top layers ------------------------------------------------------------------------------
+    # Layers and attention ----------------------------------------------------------------------------
 
-    def dense_layer_inputs(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def layer_inputs(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """The no-grad group hands its rows of the first dense layer's input over and stops there."""
-        if threading.current_thread() is not self._no_grad_thread:
-            return super().dense_layer_inputs(layer, args, kwargs)
-        if layer is self.dense.first_dense:
-            self.dense.base = self.rest.spread_rows(hidden_of(args, kwargs), self.seq_len)
+        if not self.alternation.in_helper():
+            return super().layer_inputs(layer, args, kwargs)
+        if self.rows is not None and layer is self.rows.first_dense:
+            self.rows.base = self.rest.spread_rows(hidden_of(args, kwargs), self.seq_len)
             raise StopForward
         return None
 
-    # Attention ---------------------------------------------------------------------------------------
-
-    def attention(self, module, query, key, value, mask, over_all_keys: Callable, kwargs: dict):
+    def attention(self, module, query, key, value, mask, stock: Callable, over_all_keys: Callable, kwargs: dict):
         """One self-attention call of either group: the no-grad group is the helper thread's."""
-        if self.probing:  # a model without GradientCheckpointingLayer layers
-            raise _ProbeDone
-        if threading.current_thread() is self._no_grad_thread:
+        if self.probing:
+            raise SinglePassUnsupported("The model ran self-attention outside its transformer layers.")
+        if self.alternation.in_helper():
             return self._attend_no_grad(module, query, key, value, mask, over_all_keys, kwargs)
-        alone = self._no_grad_thread is None  # every token is selected: no no-grad group
+        alone = not self.alternation.started  # every token is selected: no no-grad group
         if alone and not self.finished:
             self._record_rows(module, query, key, value, mask, kwargs, self._zeros)
         if not self.finished:  # (in backward, gradient checkpointing replays the grad group's layers)
@@ -378,10 +309,10 @@ class SinglePassStep(TokenTuneStep):
                     f"The two row groups reached different attention calls ({type(module).__name__}): the "
                     "model's control flow depends on its inputs."
                 )
-        # In one block: blocks kept 4% more bytes for backward than one call (1.058 x ideal against 1.023).
         output = self.attend(module, query, key, value, over_all_keys, kwargs)
         if not (self.finished or alone):
-            self._hand_over(NO_GRAD, GRAD)
+            self.alternation.hand_over()
+            self._raise_no_grad_error()
         return output
 
     def _zeros(self, part: torch.Tensor) -> torch.Tensor:
@@ -389,8 +320,7 @@ class SinglePassStep(TokenTuneStep):
 
     def _record_rows(self, module, query, key, value, mask, kwargs, spread: Callable) -> bool:
         """Record [B, H, N, D] keys and values holding ``spread``'s rows; returns the call's ``is_causal``."""
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        is_causal = call_is_causal(module, kwargs)
         self.record(module, query, spread(key), spread(value), mask, is_causal, kwargs.get("scaling"))
         self._next_module = module
         self.recorded += 1
@@ -401,7 +331,7 @@ class SinglePassStep(TokenTuneStep):
         is_causal = self._record_rows(module, query, key, value, mask, kwargs, spread)
         if self.recorded == self.attention_calls:  # the last keys and values: nothing reads the rest
             raise StopForward
-        self._hand_over(GRAD, NO_GRAD)  # the grad group writes its rows into the recorded keys and values
+        self.alternation.hand_over()  # the grad group writes its rows into the recorded keys and values
         if self.attention_calls is None:  # where a later step will stop: see _run_no_grad
             self._random_state_after_last_hand_over = _random_state(self._device)
         sdpa = over_all_keys is _sdpa_over_all_keys
@@ -410,27 +340,10 @@ class SinglePassStep(TokenTuneStep):
         keys, values = self.keys[module].detach(), self.values[module].detach()
         return attend(module, query, keys, values, row_mask, **{**kwargs, "is_causal": False})
 
-    # Strict alternation ------------------------------------------------------------------------------
-
-    def _hand_over(self, to: str, me: str) -> None:
-        """Give the turn to the other group and wait until it comes back (or the other group ends)."""
-        if me == GRAD and self._no_grad_done:  # it stopped after the last keys and values
-            self._raise_no_grad_error()
-            return
-        with self._condition:
-            self._turn = to
-            self._condition.notify_all()
-            while self._turn != me:
-                if me == NO_GRAD and self._aborted:
-                    raise _Aborted
-                self._condition.wait()
-            if me == NO_GRAD and self._aborted:
-                raise _Aborted
-        if me == GRAD:
-            self._raise_no_grad_error()
+    # The two groups ----------------------------------------------------------------------------------
 
     def _raise_no_grad_error(self) -> None:
-        error = self._error
+        error = self.alternation.error
         if error is None:
             return
         if isinstance(error, SinglePassUnsupported):
@@ -438,77 +351,52 @@ class SinglePassStep(TokenTuneStep):
         raise RuntimeError(f"The no-grad row group of a single-pass TokenTune step failed: {error!r}") from error
 
     def _run_no_grad(self, backbone: nn.Module, inputs: dict, autocast: dict) -> None:
-        try:
-            with torch.no_grad(), torch.autocast(**autocast), self.replay_masks():
-                backbone(**inputs, use_cache=False, tokentune_step=self)
-            # A first step runs the no-grad group to its end; later ones stop after the last keys and values.
-            # Undo the random numbers (dropout) drawn after its last hand-over, so that every step leaves the
-            # random stream where a later step would, and a run resumed from a checkpoint trains as the whole.
-            if self._random_state_after_last_hand_over is not None:
-                _set_random_state(self._device, self._random_state_after_last_hand_over)
-        except (_Aborted, StopForward):
-            pass
-        except BaseException as error:  # handed to the grad group, which raises it
-            self._error = error
-        finally:
-            with self._condition:
-                self._no_grad_done = True
-                self._turn = GRAD
-                self._condition.notify_all()
+        with torch.no_grad(), torch.autocast(**autocast), self.replay_masks():
+            backbone(**inputs, use_cache=False, tokentune_step=self)
+        # A first step runs the no-grad group to its end; later ones stop after the last keys and values.
+        # Undo the random numbers (dropout) drawn after its last hand-over, so that every step leaves the
+        # random stream where a later step would, and a run resumed from a checkpoint trains as the whole.
+        if self._random_state_after_last_hand_over is not None:
+            _set_random_state(self._device, self._random_state_after_last_hand_over)
 
-    def _abort(self) -> None:
-        with self._condition:
-            self._aborted = True
-            self._turn = NO_GRAD
-            self._condition.notify_all()
+    def _run_grad(self, model: nn.Module, grad_inputs: dict) -> Any:
+        self._raise_no_grad_error()
+        with self.replay_masks():
+            output = model(**grad_inputs, tokentune_step=self)
+        if not self.alternation.helper_done:
+            raise SinglePassUnsupported("The no-grad row group ran more attention calls than the grad group.")
+        self._raise_no_grad_error()
+        return output
 
-    def run(
-        self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict, selected_inputs: dict | None = None
-    ) -> Any:
+    def run(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict, start_grad_call: Callable) -> Any:
         """Probe the masks, then run both groups; returns the grad group's output (``model(**grad_inputs)``).
 
         ``backbone_inputs`` hold the whole batch's ``input_ids`` (or ``inputs_embeds``), ``attention_mask``
-        (None included), ``position_ids`` and, if any, ``token_type_ids``. With dense top layers,
-        ``grad_inputs`` are the whole batch's too, and ``selected_inputs`` the selected tokens' (for the
-        selected probe).
+        (None included), ``position_ids`` and, if any, ``token_type_ids``. ``start_grad_call`` prepares the
+        grad call (:meth:`~tokentune_peft.grad_call.SelectedTokensCall.start`), under the probe's masks.
         """
         backbone = model.base_model
-        # The probe stops where the first layer starts (or, in a model without such layers, at its first
-        # attention call): by then the model has built its masks.
-        # (Every layer is hooked: in a vision-language model, the vision tower's come first and do not run.)
+        # The probe runs with every transformer layer skipped: by their first, the model has built its masks.
         layers = [module for module in backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
-        stops = [layer.register_forward_pre_hook(self._stop_probe) for layer in layers]
-        try:
-            with torch.no_grad(), self.record_masks():
-                backbone(**backbone_inputs, use_cache=False, tokentune_step=self)
-        except _ProbeDone:
-            pass
-        else:
-            raise self._no_attention_error()
-        finally:
-            for stop in stops:
-                stop.remove()
+        with torch.no_grad(), self.record_masks(), skipping(layers, {}):
+            backbone(**backbone_inputs, use_cache=False, tokentune_step=self)
         self.probing = False
-        if self.dense is not None:
-            with self.replay_masks():  # the masks the grad group's attention receives, as without dense layers
-                record_lower_layer_inputs(backbone, self.dense, selected_inputs, self)
-            self.dense.phase = RUN
+        with self.replay_masks():  # the masks the grad group's attention receives
+            start_grad_call()
         if self.rest.positions.shape[1] == 0:  # every token is selected: the grad group runs alone
-            self._turn, self._no_grad_done = GRAD, True
             with self.replay_masks():
                 output = model(**grad_inputs, tokentune_step=self)
         else:
             output = self._run_both(model, backbone_inputs, grad_inputs)
-        if not self.keys and (self.dense is None or self.dense.lower):
-            raise self._no_attention_error()
+        if not self.keys and (self.rows is None or self.rows.lower):
+            raise no_attention_error()
         self.finished = True
         return output
 
     def _run_both(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict) -> Any:
-        rest = self.rest
         per_token = {name: value for name, value in backbone_inputs.items() if name != "attention_mask"}
-        no_grad_inputs = gather_positions(per_token, rest.positions)
-        no_grad_inputs["attention_mask"] = rest.valid.long()
+        no_grad_inputs = gather_positions(per_token, self.rest.positions)
+        no_grad_inputs["attention_mask"] = self.rest.valid.long()
         # Autocast is set per thread: the no-grad group computes in the caller's precision.
         self._device = backbone_inputs["position_ids"].device
         device = self._device.type
@@ -517,37 +405,7 @@ class SinglePassStep(TokenTuneStep):
             "dtype": torch.get_autocast_dtype(device),
             "enabled": torch.is_autocast_enabled(device),
         }
-        # A fresh context: transformers' output recorders live in context variables, one set per call.
-        context = contextvars.Context()
-        self._no_grad_thread = threading.Thread(
-            target=context.run, args=(self._run_no_grad, model.base_model, no_grad_inputs, autocast), daemon=True
-        )
-        self._no_grad_thread.start()
-        try:
-            with self._condition:
-                while self._turn != GRAD:
-                    self._condition.wait()
-            self._raise_no_grad_error()
-            with self.replay_masks():
-                output = model(**grad_inputs, tokentune_step=self)
-            if not self._no_grad_done:
-                raise SinglePassUnsupported("The no-grad row group ran more attention calls than the grad group.")
-            self._raise_no_grad_error()
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            self._no_grad_thread.join()
-        return output
-
-    @staticmethod
-    def _stop_probe(module: nn.Module, args: Any) -> None:
-        raise _ProbeDone
-
-    @staticmethod
-    def _no_attention_error() -> RuntimeError:
-        return RuntimeError(
-            "No attention call reached TokenTune's attention function: the model's attention does not go "
-            "through transformers' attention registry, or its attention implementation was changed after "
-            "wrapping."
+        return self.alternation.run(
+            partial(self._run_no_grad, model.base_model, no_grad_inputs, autocast),
+            partial(self._run_grad, model, grad_inputs),
         )

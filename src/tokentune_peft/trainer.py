@@ -101,7 +101,7 @@ class TokenTuneTrainerMixin:
             )
             return
         # With dense top layers the outputs and the loss cover every position, as the stock model's.
-        covers_selected_slots = not self.tokentune_engine.dense_top_layers
+        covers_selected_slots = not self.tokentune_engine.grad_call.covers_every_position
         if self.compute_loss_func is not None and covers_selected_slots:
             raise ValueError(
                 "`compute_loss_func` receives the whole sequence's labels, while a TokenTune step's outputs cover "
@@ -150,7 +150,7 @@ class TokenTuneTrainerMixin:
             self._real_tokens += prepared.num_real
             if prepared.targets is not None:
                 counted.append({"labels": batch["labels"], "shift_labels": prepared.targets})
-        if self.tokentune_engine.dense_top_layers:
+        if self.tokentune_engine.grad_call.covers_every_position:
             return batches, self._get_num_items_in_batch(batches, device)
         num_items = self._get_num_items_in_batch(counted, device) if len(counted) == len(batches) else None
         return batches, num_items
@@ -165,8 +165,8 @@ class TokenTuneTrainerMixin:
         """The TokenTune step's loss; the first step's activations are measured."""
         if not model.training or self.tokentune_engine is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # The generator for positions drawn in the forward; it also tells the step the loss count is the selection's.
-        inputs = {**inputs, "trainer_generator": self.selection_generator}
+        # The generator for positions drawn in the forward, and the count of the loss: the selection's.
+        inputs = {**inputs, "selection_generator": self.selection_generator, "loss_counted_over_selection": True}
         if self.activation_memory is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with SavedTensorMeter(model) as meter:

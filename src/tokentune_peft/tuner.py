@@ -14,20 +14,25 @@ from typing import Any
 
 import torch
 from peft import LoraModel
+from peft.utils import TaskType
 from torch import nn
 
 from .attention import base_implementation_name, tokentune_implementation_name
 from .config import TokenTuneConfig
-from .dense_top import check_dense_top_layers, install_layer_hooks
 from .engine import TokenTuneEngine
+from .grad_call import grad_call_for
 from .model_support import check_head_supported, check_model_supported, is_decoder
 from .multimodal import check_vision_language_model_supported, is_vision_language_model, language_model
 from .quantization import check_4bit_layers_trainable, keep_4bit_layers_trainable
 from .save_formats import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
 from .selection import build_selector
-from .vision import builds_its_sequence, check_image_model_supported
+from .step_inputs import feed_for
+from .vision import check_image_model_supported, fed_pixel_values
+from .whole_batch import check_dense_top_layers, install_layer_hooks
 
-CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+CLASSIFICATION_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
+#: Keywords of a forward that steer the TokenTune step, never the model (:meth:`TokenTuneEngine.__call__`).
+STEP_OPTIONS = ("selected_positions", "selection_generator", "loss_counted_over_selection")
 
 
 class _TokenTuneStepMixin:
@@ -36,7 +41,8 @@ class _TokenTuneStepMixin:
     def _setup_tokentune(self, model: nn.Module, config: TokenTuneConfig) -> None:
         check_model_supported(model)
         check_head_supported(model, config.task_type)
-        if builds_its_sequence(model):
+        pixels = fed_pixel_values(model)
+        if pixels:
             check_image_model_supported(model, config.task_type)
         vision_language = is_vision_language_model(model)
         if vision_language:
@@ -46,22 +52,21 @@ class _TokenTuneStepMixin:
         if base_implementation_name(implementation) is None:
             model.config._attn_implementation = tokentune_implementation_name(implementation)
         layers = check_dense_top_layers(language_model(model) if vision_language else model, config.dense_top_layers)
-        if config.dense_top_layers or builds_its_sequence(model):  # the first layer selects the rows
+        grad_call = grad_call_for(config.task_type, layers, config.dense_top_layers, pixels)
+        if grad_call.covers_every_position:
             install_layer_hooks(layers)
         self.tokentune_config = config
         self.tokentune_engine = TokenTuneEngine(
             build_selector(config, is_decoder(model)),
             seed=config.seed,
             engine=config.engine,
-            dense_top_layers=config.dense_top_layers,
-            layers=layers,
-            vision_language=vision_language,
+            feed=feed_for(model, layers),
+            grad_call=grad_call,
         )
 
     def forward(self, *args: Any, **kwargs: Any):
         """A TokenTune step when training with autograd on; the wrapped model's forward otherwise."""
-        selected_positions = kwargs.pop("selected_positions", None)
-        trainer_generator = kwargs.pop("trainer_generator", None)
+        step_options = {name: kwargs.pop(name) for name in STEP_OPTIONS if name in kwargs}
         if not (self.training and torch.is_grad_enabled()):
             return self.model(*args, **kwargs)
         if args:
@@ -74,9 +79,7 @@ class _TokenTuneStepMixin:
                 "get_peft_model."
             )
         check_4bit_layers_trainable(self.tokentune_four_bit_layers)
-        return self.tokentune_engine(
-            self.model, selected_positions=selected_positions, trainer_generator=trainer_generator, **kwargs
-        )
+        return self.tokentune_engine(self.model, **step_options, **kwargs)
 
 
 class TokenTuneLoraModel(_TokenTuneStepMixin, LoraModel):

@@ -4,10 +4,10 @@ A vision transformer builds its sequence inside the model (patch embeddings, the
 embeddings), so a step selects positions of the sequence that enters the first transformer layer:
 
 1. a short probe runs the model without autograd and with every transformer layer skipped, to learn
-   that sequence's length (:func:`first_layer_input`);
+   that sequence's length (:func:`~tokentune_peft.layers.first_layer_input`);
 2. pass 1 (no autograd) runs the backbone on the whole batch, recording every attention's keys and values;
 3. the grad call is the model's stock call on the whole batch, whose first layer takes the selected rows
-   of its input (:class:`~tokentune_peft.dense_top.DenseTop`): the patch projection, class token and
+   of its input (:mod:`tokentune_peft.whole_batch`): the patch projection, class token and
    position embeddings get the gradient of the selected rows, and every layer runs the selected rows
    only, their queries attending to every recorded key and value, as in a text step.
 
@@ -19,7 +19,7 @@ selected. Supported are heads that read the class token alone
 The step always runs in two passes.
 
 Example:
-    >>> import tokentune_peft
+    >>> import tokentune_peft, torch
     >>> from peft import get_peft_model
     >>> from transformers import ViTConfig, ViTForImageClassification
     >>> base = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -32,12 +32,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from peft.utils import TaskType
 from torch import nn
-
-from .dense_top import hidden_of, skipping, transformer_layers
 
 #: Image classification models whose head reads the class token alone (position 0 of the sequence).
 IMAGE_CLASSIFIERS = ("ViTForImageClassification", "DeiTForImageClassification")
@@ -52,17 +48,17 @@ REFUSED_IMAGE_MODELS = {
     "Swinv2ForImageClassification": "its sequence gets shorter between layers (patch merging)",
 }
 #: What the step gives the backbone's calls; the model's other keywords go to the grad call only.
-IMAGE_INPUTS = ("pixel_values", "interpolate_pos_encoding")
+IMAGE_CLASSIFIER_INPUTS = ("pixel_values", "interpolate_pos_encoding")
 #: Why such a step runs in two passes.
 TWO_PASS_REASON = "the model builds its sequence from `pixel_values`"
 
 
-def builds_its_sequence(model: nn.Module) -> bool:
-    """Whether ``model`` builds the sequence of its transformer layers from ``pixel_values``.
+def fed_pixel_values(model: nn.Module) -> bool:
+    """Whether ``model`` is fed ``pixel_values``, building the sequence of its transformer layers from them.
 
     Example:
         >>> from transformers import BertConfig, BertModel
-        >>> builds_its_sequence(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        >>> fed_pixel_values(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         ...                                          intermediate_size=64)))
         False
     """
@@ -89,17 +85,5 @@ def check_image_model_supported(model: nn.Module, task_type: str | None) -> None
         raise ValueError(
             f"TokenTune cannot train {name} exactly: {reason}. Supported vision models: {', '.join(IMAGE_CLASSIFIERS)}."
         )
-    if task_type != "SEQ_CLS":
+    if task_type != TaskType.SEQ_CLS:
         raise ValueError(f"{name} classifies images: use task_type='SEQ_CLS'; got {task_type!r}.")
-
-
-def first_layer_input(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """[batch, N, hidden]: the sequence ``model``'s first transformer layer receives, computed without autograd.
-
-    Every transformer layer is skipped, so this costs the embeddings only.
-    """
-    layers = transformer_layers(model)
-    record: dict[nn.Module, tuple[tuple, dict]] = {}
-    with torch.no_grad(), skipping(layers, record):
-        model(**inputs)
-    return hidden_of(*record[layers[0]])

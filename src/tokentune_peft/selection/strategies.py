@@ -115,13 +115,13 @@ class TokenSelector:
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
         generator: torch.Generator,
-        importance: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Positions for a batch: [batch, k], ascending per row, -1 padded.
 
         ``input_ids`` may be None (a batch given as ``inputs_embeds``) when ``attention_mask`` is given.
-        ``importance`` ([batch, seq], from :meth:`pass_one_scores`) is required by the strategies drawn
-        in the forward ("importance", "gradient").
+        ``scores`` ([batch, seq], from :meth:`pass_one_scores`: attention importance or gradient norms) are
+        required by the strategies drawn in the forward ("importance", "gradient").
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -133,13 +133,13 @@ class TokenSelector:
             supervised = self._supervised(labels, attention_mask)
             return sample_with_quota(attention_mask, always, supervised, generator, self.uniform_share, **budget)
         if self.selects_in_forward:
-            if importance is None:
+            if scores is None:
                 raise ValueError(
                     f"selection={self.strategy!r} draws positions inside the training forward, from the no-grad "
                     "pass; call the model in training mode instead of sampling ahead."
                 )
             return sample_positions(
-                attention_mask, always, generator, weights=self._mixed(importance, attention_mask), **budget
+                attention_mask, always, generator, weights=self._mixed(scores, attention_mask), **budget
             )
         return sample_positions(attention_mask, always, generator, **budget)
 

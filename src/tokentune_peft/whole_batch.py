@@ -1,9 +1,15 @@
-"""Dense top layers (``TokenTuneConfig(dense_top_layers=L)``): every token trains in the last L layers.
+"""The whole-batch grad call: the model's stock call on every token, its transformer layers hooked to run rows.
 
-The gradient, by definition: the full-sequence forward in which, in every layer below the top L, the
-unselected rows of the layer's input and the unselected keys and values are detached (TokenTune's own
-definition); the input of the first dense layer has its unselected rows detached; nothing is detached
-above it; and the loss is the model's own loss over every position.
+Two kinds of step use it, resolved once when the model is wrapped (:mod:`tokentune_peft.grad_call`):
+
+* **dense top layers** (``TokenTuneConfig(dense_top_layers=L)``): every token trains in the last L layers;
+* **image classifiers** (:mod:`tokentune_peft.vision`), whose sequence the model builds from ``pixel_values``:
+  there L = 0, and the hooks only make the first layer take the selected rows.
+
+The gradient of dense top layers, by definition: the full-sequence forward in which, in every layer below
+the top L, the unselected rows of the layer's input and the unselected keys and values are detached
+(TokenTune's own definition); the input of the first dense layer has its unselected rows detached; nothing
+is detached above it; and the loss is the model's own loss over every position.
 
 How a step runs it, with either engine. The call that carries gradient (pass 2, or the single pass's
 grad group) is the model's stock call on the **whole** batch, with the caller's labels, so embeddings,
@@ -19,44 +25,17 @@ a step) change only what the layers below the top see:
   others from the no-grad computation of the same layer input (pass 1 skips the top layers, keeping the
   first one's input; the single pass's no-grad group stops there).
 
-Self-attention inside the top layers runs the stock attention function (:meth:`DenseTop.runs_stock`).
+Self-attention inside the top layers runs the stock attention function (:meth:`WholeBatchRows.runs_stock`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-#: Phases of a step, as the layer hooks see them.
-IDLE, RUN = "idle", "run"
-
-
-class StopForward(Exception):
-    """Raised in the single pass's no-grad group at the first dense layer: it has no more to compute."""
-
-
-def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer layers, in order: its outermost ``GradientCheckpointingLayer`` modules.
-
-    Example:
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        ...                                      num_attention_heads=2, vocab_size=64))
-        >>> len(transformer_layers(model))
-        3
-    """
-    layers: list[nn.Module] = []
-    inside: set[nn.Module] = set()
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer) and module not in inside:
-            layers.append(module)
-            inside.update(module.modules())
-    return layers
+from .layers import Call, hidden_of, skipping, transformer_layers, with_hidden
 
 
 def check_dense_top_layers(model: nn.Module, count: int) -> list[nn.Module]:
@@ -84,46 +63,48 @@ def check_dense_top_layers(model: nn.Module, count: int) -> list[nn.Module]:
             f"got {count}."
         )
     if getattr(model.config, "output_router_logits", False):
-        raise ValueError(
-            f"`dense_top_layers` cannot be combined with a router load-balancing loss ({type(model).__name__}: "
-            "config.output_router_logits=True): its terms would mix the selected tokens of the layers below with "
-            "every token of the top layers. Set output_router_logits=False, or dense_top_layers=0."
-        )
+        refuse_router_loss(f"{type(model).__name__}'s config")
     return layers
 
 
-def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a layer call receives (first positional argument, or ``hidden_states``)."""
-    return args[0] if args else kwargs["hidden_states"]
+def refuse_router_loss(source: str) -> None:
+    """Raise the ValueError that refuses a router load-balancing loss with dense top layers; ``source`` says where
+    it was asked for.
+
+    Example:
+        >>> refuse_router_loss("passed to the forward")
+        Traceback (most recent call last):
+        ...
+        ValueError: `output_router_logits=True` cannot be combined with `dense_top_layers` (passed to the forward): ...
+    """
+    raise ValueError(
+        f"`output_router_logits=True` cannot be combined with `dense_top_layers` ({source}): the router's "
+        "load-balancing loss would mix the selected tokens of the layers below with every token of the top layers. "
+        "Set output_router_logits=False, or dense_top_layers=0."
+    )
 
 
-def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """A layer call's ``(args, kwargs)`` with ``hidden`` in place of its hidden states."""
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-class DenseTop:
-    """The dense-top part of one TokenTune step, held by the step as ``step.dense``.
+class WholeBatchRows:
+    """Which rows each transformer layer runs in one step's whole-batch grad call; held by the step as ``step.rows``.
 
     Args:
-        layers: the model's transformer layers (:func:`transformer_layers`).
-        count: how many of the last ones are dense. 0 in a step on a sequence the model builds itself
-            (:mod:`tokentune_peft.vision`): the grad call is then the stock call on the whole batch, whose
-            first layer takes the selected rows, and every layer is token-selective.
+        layers: the model's transformer layers (:func:`~tokentune_peft.layers.transformer_layers`).
+        dense_count: how many of the last ones run every row (0 for an image classifier's step: then only the
+            first layer's input changes, to its selected rows).
         seq_len: length N of the full sequences.
+
+    The hooks act only while :attr:`running` (the grad call); pass 1 and the probes see the layers as they are.
     """
 
-    def __init__(self, layers: list[nn.Module], count: int, seq_len: int) -> None:
-        self.lower = layers[: len(layers) - count]
-        self.top = layers[len(layers) - count :]
+    def __init__(self, layers: list[nn.Module], dense_count: int, seq_len: int) -> None:
+        self.lower = layers[: len(layers) - dense_count]
+        self.top = layers[len(layers) - dense_count :]
         self.first_dense = self.top[0] if self.top else None
         self.top_modules = {module for layer in self.top for module in layer.modules()}
         self.seq_len = seq_len
-        self.phase = IDLE
+        self.running = False
         #: Each layer below the top: its ``(args, kwargs)`` in a call on the selected tokens.
-        self.lower_inputs: dict[nn.Module, tuple[tuple, dict]] = {}
+        self.lower_inputs: dict[nn.Module, Call] = {}
         #: The first dense layer's input, every row, without gradient (None when every row is selected).
         self.base: torch.Tensor | None = None
 
@@ -131,14 +112,14 @@ class DenseTop:
         """Whether ``module`` (an attention module) is in a top layer, where attention is the stock one."""
         return module in self.top_modules
 
-    def layer_inputs(self, step: Any, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def layer_inputs(self, step: Any, layer: nn.Module, args: tuple, kwargs: dict) -> Call | None:
         """What ``layer`` runs on instead of ``(args, kwargs)`` (None: unchanged) in the call that carries
         gradient: the layers below the top run the selected rows as in a call on the selected tokens (with
         their own arguments where none were recorded: layers that take no per-token ones), and the first
         dense layer every row. ``step`` gives the selected positions (``batch_index``, ``slot_index``,
         ``positions``).
         """
-        if self.phase != RUN:
+        if not self.running:
             return None
         hidden = hidden_of(args, kwargs)
         first = layer is (self.lower[0] if self.lower else self.first_dense)
@@ -163,58 +144,28 @@ class DenseTop:
         return base.to(selected.dtype).index_put((rows, step.positions[rows, slots]), selected[rows, slots])
 
 
-def _layer_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def _layer_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> Call | None:
     step = kwargs.get("tokentune_step")
-    if getattr(step, "dense", None) is None:
-        return None
-    return step.dense_layer_inputs(layer, args, kwargs)
+    return None if step is None else step.layer_inputs(layer, args, kwargs)
 
 
 def install_layer_hooks(layers: list[nn.Module]) -> None:
-    """Hook every transformer layer for dense top layers; the hooks act only in a step that has them."""
+    """Hook every transformer layer for the whole-batch grad call; the hooks act only in a step that runs one."""
     for layer in layers:
         layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
 
 
-@contextmanager
-def skipping(layers: list[nn.Module], record: dict[nn.Module, tuple[tuple, dict]]) -> Iterator[None]:
-    """Within the context each of ``layers`` records its call into ``record`` and returns its input unchanged.
-
-    A forward that needs only some layers' inputs runs to its end this way, around every hook of the
-    model (FSDP's, DeepSpeed's), instead of stopping inside one.
-    """
-    saved = {layer: layer.__dict__.get("forward") for layer in layers}
-
-    def skip(layer: nn.Module):
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            record[layer] = (args, kwargs)
-            return hidden_of(args, kwargs)
-
-        return forward
-
-    for layer in layers:
-        layer.forward = skip(layer)
-    try:
-        yield
-    finally:
-        for layer, forward in saved.items():
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
-
-
-def record_lower_layer_inputs(backbone: nn.Module, dense: DenseTop, selected_inputs: dict, step: Any) -> None:
+def record_lower_layer_inputs(backbone: nn.Module, rows: WholeBatchRows, selected_inputs: dict, step: Any) -> None:
     """The selected probe: run ``backbone`` on the selected tokens without autograd, every layer skipped, and
-    keep what each layer below the top receives in :attr:`DenseTop.lower_inputs`."""
-    if not dense.lower:
+    keep what each layer below the top receives in :attr:`WholeBatchRows.lower_inputs`."""
+    if not rows.lower:
         return
-    record: dict[nn.Module, tuple[tuple, dict]] = {}
-    with torch.no_grad(), skipping(dense.lower + dense.top, record):
+    record: dict[nn.Module, Call] = {}
+    with torch.no_grad(), skipping(rows.lower + rows.top, record):
         backbone(**selected_inputs, tokentune_step=step)
-    for layer in dense.lower:
+    for layer in rows.lower:
         args, kwargs = record[layer]
         # The grad call's own hidden states go in, and the step: kept here, it would make a reference cycle
-        # (step -> dense -> inputs -> step) that holds the step's tensors until the garbage collector runs.
+        # (step -> rows -> inputs -> step) that holds the step's tensors until the garbage collector runs.
         kwargs = {name: value for name, value in kwargs.items() if name != "tokentune_step"}
-        dense.lower_inputs[layer] = with_hidden(args, kwargs, None)
+        rows.lower_inputs[layer] = with_hidden(args, kwargs, None)
