@@ -45,7 +45,7 @@ from tokentune_peft.cli.model_configs import (
 )
 from tokentune_peft.cli.plots import new_figure, save_figure
 from tokentune_peft.config import TokenTuneConfig
-from tokentune_peft.dense_top import transformer_layers
+from tokentune_peft.layers import transformer_layers
 from tokentune_peft.memory import MIB, SavedTensorMeter
 
 from study_utils import machine_description

@@ -29,6 +29,7 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
+from tokentune_peft.engine_choice import Engine
 
 from study_utils import machine_description
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         if setting == "full":
             loss = stock(**batch).loss
         else:
-            engine.engine = setting
+            engine.choice.asked = Engine(setting)
             loss = model(**batch).loss
         loss.backward()
         if optimizer is not None:

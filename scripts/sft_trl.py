@@ -65,7 +65,7 @@ def activation_mib(trainer: SFTTrainer) -> dict[str, float | None]:
         tokentune = saved_activation_bytes(
             model,
             lambda: (
-                model(**batch, fused_lm_head=True, trainer_generator=trainer.selection_generator, use_cache=False).loss
+                model(**batch, fused_lm_head=True, selection_generator=trainer.selection_generator, use_cache=False).loss
             ),
         )
     lora_model = model.base_model.model  # the transformers model with its LoRA layers, called without TokenTune

@@ -30,6 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .blockwise_attention import MaskBlock, blockwise_attention
 from .whole_batch import WholeBatchRows
 
 #: Stock attention implementations TokenTune can sit on top of.
@@ -67,66 +68,111 @@ def _stock_attention(base: str, module: nn.Module) -> Callable:
 
 
 def allowed_keys(
-    mask: torch.Tensor | None, is_causal: bool, query_positions: torch.Tensor, valid: torch.Tensor, seq_len: int
+    mask: torch.Tensor | None, is_causal: bool, query_positions: torch.Tensor, key_start: int, key_end: int
 ) -> torch.Tensor | None:
-    """Which keys the queries at ``query_positions`` may attend to, under an attention call's own mask.
+    """Which keys in ``key_start:key_end`` the queries at ``query_positions`` may attend to, under an attention call's
+    own mask.
 
     Args:
         mask: the mask the model passed to its attention function (bool, True = allowed, or additive
             float, 0 = allowed), [batch or 1, heads or 1, queries, keys]; or None.
         is_causal: whether a missing mask means causal attention.
-        query_positions: [batch, k] sequence index of each query (any valid index on padded slots).
-        valid: [batch, k] bool, False on padded slots, which may attend anywhere (no NaN rows).
-        seq_len: number of keys N.
+        query_positions: [batch, q] sequence index of each query; -1 on padded slots, which may attend anywhere.
+        key_start, key_end: the keys asked about.
 
-    Returns: bool [batch, heads or 1, k, N], or None when every key is allowed.
+    Returns: bool [batch, heads or 1, q, key_end - key_start], or None when every key is allowed.
 
     Example:
-        >>> allowed_keys(None, True, torch.tensor([[0, 2]]), torch.tensor([[True, True]]), 3).int().tolist()
-        [[[[1, 0, 0], [1, 1, 1]]]]
+        >>> allowed_keys(None, True, torch.tensor([[0, 2, -1]]), 0, 3).int().tolist()
+        [[[[1, 0, 0], [1, 1, 1], [1, 1, 1]]]]
     """
     batch = query_positions.shape[0]
     device = query_positions.device
+    padded = (query_positions < 0)[:, None, :, None]
+    positions = query_positions.clamp(min=0)
     if mask is None:
         if not is_causal:
             return None
-        key_index = torch.arange(seq_len, device=device)
-        allowed = (key_index[None, None, :] <= query_positions[:, :, None])[:, None]
+        key_index = torch.arange(key_start, key_end, device=device)
+        allowed = (key_index[None, None, :] <= positions[:, :, None])[:, None]
     else:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"TokenTune supports tensor attention masks, got {type(mask).__name__}.")
         # Both indices must be tensors: an integer row index would be basic indexing and put the
         # query positions before the heads dimension.
         rows = torch.arange(batch, device=device) if mask.shape[0] > 1 else torch.zeros(batch, dtype=torch.long)
-        picked = mask[rows.to(device)[:, None], :, query_positions].transpose(1, 2)  # [B, heads, k, N]
+        picked = mask[rows.to(device)[:, None], :, positions, key_start:key_end].transpose(1, 2)  # [B, heads, q, keys]
         allowed = picked if mask.dtype == torch.bool else picked == 0
-    return allowed | ~valid[:, None, :, None]
+    return allowed | padded
 
 
-def additive_row_mask(
-    mask: torch.Tensor | None,
-    is_causal: bool,
-    query_positions: torch.Tensor,
-    valid: torch.Tensor,
-    seq_len: int,
-    dtype: torch.dtype,
-    blocked: float,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The rows of an attention call's mask for the queries at ``query_positions``, as an additive float mask
-    (0 where allowed, ``blocked`` elsewhere), with the boolean mask it came from; ``(None, None)`` when every key
-    is allowed. Arguments as in :func:`allowed_keys`.
+class QueryRows:
+    """Queries at sequence positions, and their rows of the masks recorded in a step.
+
+    Args:
+        positions: [batch, q] sequence index of each query, -1 on padded slots.
+        seq_len: number of keys N.
+
+    The blockwise kernel (:func:`~tokentune_peft.blockwise_attention.blockwise_attention`) reads the rows one
+    block at a time (:meth:`mask_block`); a dense additive mask of the rows (:meth:`dense_mask`), needed by eager
+    attention and attention dropout, is built once per source mask and shared by all layers (one saved copy for
+    backward, not one per layer).
 
     Example:
-        >>> additive, _ = additive_row_mask(None, True, torch.tensor([[0]]), torch.tensor([[True]]), 2, torch.float32,
-        ...                                 float("-inf"))
-        >>> additive.tolist()
-        [[[[0.0, -inf]]]]
+        >>> rows = QueryRows(torch.tensor([[1, -1]]), seq_len=3)
+        >>> rows.mask_block(None, True)(rows.positions, 0, 3).int().tolist()
+        [[[[1, 1, 0], [0, 0, 0]]]]
+        >>> rows.dense_mask(None, True, torch.float32, float("-inf")).tolist()
+        [[[[0.0, 0.0, -inf], [0.0, 0.0, 0.0]]]]
     """
-    allowed = allowed_keys(mask, is_causal, query_positions, valid, seq_len)
-    if allowed is None:
-        return None, None
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return additive.masked_fill_(~allowed, blocked), allowed
+
+    def __init__(self, positions: torch.Tensor, seq_len: int) -> None:
+        self.positions = positions
+        self.seq_len = seq_len
+        self._dense: dict[tuple, torch.Tensor | None] = {}
+
+    def mask_block(self, mask: torch.Tensor | None, is_causal: bool) -> MaskBlock:
+        """A ``mask_block`` of the rows under ``mask`` (and ``is_causal``); padded slots attend to no key."""
+
+        def block(positions: torch.Tensor, key_start: int, key_end: int) -> torch.Tensor:
+            allowed = allowed_keys(mask, is_causal, positions, key_start, key_end)
+            valid = (positions >= 0)[:, None, :, None]
+            return valid if allowed is None else allowed & valid
+
+        return block
+
+    def dense_mask(
+        self, mask: torch.Tensor | None, is_causal: bool, dtype: torch.dtype, blocked: float
+    ) -> torch.Tensor | None:
+        """[batch, heads or 1, q, N]: 0 where allowed, ``blocked`` elsewhere (padded slots attend anywhere); None
+        when every key is allowed."""
+        key = (id(mask), is_causal, dtype, blocked)
+        if key not in self._dense:
+            allowed = allowed_keys(mask, is_causal, self.positions, 0, self.seq_len)
+            if allowed is not None:
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, blocked)
+            self._dense[key] = allowed
+        return self._dense[key]
+
+
+def over_all_keys(base: str, stock: Callable) -> Callable:
+    """The attention of queries at chosen positions over every key, on the ``base`` implementation.
+
+    On sdpa it is the blockwise kernel, whose memory is linear in the sequence length; with attention dropout
+    (which the kernel does not draw) and on eager it is the stock function with the rows' dense mask.
+    """
+
+    def attend(module, query, keys, values, rows: QueryRows, mask, is_causal: bool, kwargs: dict):
+        kwargs = {**kwargs, "is_causal": False}
+        if base == "sdpa" and not kwargs.get("dropout"):
+            block = rows.mask_block(mask, is_causal)
+            output = blockwise_attention(query, keys, values, rows.positions, block, scale=kwargs.get("scaling"))
+            return output.transpose(1, 2).contiguous(), None
+        blocked = float("-inf") if base == "sdpa" else torch.finfo(query.dtype).min
+        dense = _sdpa_over_all_keys if base == "sdpa" else stock
+        return dense(module, query, keys, values, rows.dense_mask(mask, is_causal, query.dtype, blocked), **kwargs)
+
+    return attend
 
 
 def call_is_causal(module: nn.Module, kwargs: dict) -> bool:
@@ -182,7 +228,6 @@ class TokenTuneStep:
         self.keys: dict[nn.Module, torch.Tensor] = {}
         self.values: dict[nn.Module, torch.Tensor] = {}
         self.masks: dict[nn.Module, tuple[torch.Tensor | None, bool]] = {}
-        self._row_masks: dict[tuple, torch.Tensor | None] = {}
 
     def __repr__(self) -> str:
         return f"TokenTuneStep(seq_len={self.seq_len}, recording={self.recording}, recorded={self.num_recorded})"
@@ -221,6 +266,7 @@ class TokenTuneStep:
         self.valid_slots = selected_positions >= 0  # rows are padded with -1
         self.positions = selected_positions.clamp(min=0)  # padded slots hold a valid dummy index
         self.batch_index, self.slot_index = self.valid_slots.nonzero(as_tuple=True)
+        self.queries = QueryRows(selected_positions, self.seq_len)
 
     def attend(self, module: nn.Module, query, key, value, over_all_keys: Callable, kwargs: dict):
         """Pass 2: selected queries attend to all keys and values, the selected ones with gradient."""
@@ -232,9 +278,7 @@ class TokenTuneStep:
         all_keys = self._insert_selected(self.keys[module], key)
         all_values = self._insert_selected(self.values[module], value)
         mask, is_causal = self.masks[module]
-        row_mask = self._row_mask(mask, is_causal, query.dtype)
-        kwargs = {**kwargs, "is_causal": False}
-        return over_all_keys(module, query, all_keys, all_values, row_mask, **kwargs)
+        return over_all_keys(module, query, all_keys, all_values, self.queries, mask, is_causal, kwargs)
 
     def _insert_selected(self, recorded: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         # recorded: [B, H, N, D]; selected: [B, H, k, D]. Indexing by (row, position) on the
@@ -244,23 +288,9 @@ class TokenTuneStep:
         recorded.transpose(1, 2).index_put_((self.batch_index, positions), rows)
         return recorded
 
-    def _row_mask(self, mask: torch.Tensor | None, is_causal: bool, dtype: torch.dtype) -> torch.Tensor | None:
-        """Rows of the model's own mask for the selected queries, as one additive float mask.
-
-        The result is cached per source mask, so every layer that shares a mask shares its rows too
-        (one saved copy for backward, not one per layer).
-        """
-        cache_key = (id(mask), is_causal, dtype)
-        if cache_key not in self._row_masks:
-            blocked = torch.finfo(dtype).min
-            self._row_masks[cache_key], _ = additive_row_mask(
-                mask, is_causal, self.positions, self.valid_slots, self.seq_len, dtype, blocked
-            )
-        return self._row_masks[cache_key]
-
 
 def _sdpa_over_all_keys(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Pass-2 attention on the sdpa base: torch's SDPA with grouped-query heads left unexpanded.
+    """Attention over all keys on the sdpa base with a dense mask: torch's SDPA, grouped-query heads unexpanded.
 
     transformers' sdpa wrapper repeats the key/value heads whenever a mask is given, and autograd
     would then keep the repeated copies; ``enable_gqa`` keeps only the originals.
@@ -277,8 +307,8 @@ def _tokentune_attention(base: str) -> Callable:
         stock = _stock_attention(base, module)
         if tokentune_step is None or tokentune_step.runs_stock(module):
             return stock(module, query, key, value, attention_mask, **kwargs)
-        over_all_keys = _sdpa_over_all_keys if base == "sdpa" else stock
-        return tokentune_step.attention(module, query, key, value, attention_mask, stock, over_all_keys, kwargs)
+        attend = over_all_keys(base, stock)
+        return tokentune_step.attention(module, query, key, value, attention_mask, stock, attend, kwargs)
 
     attention.__name__ = tokentune_implementation_name(base)
     return attention

@@ -300,7 +300,8 @@ class TokenTuneEngine:
         selected_call = selected_inputs(model, batch, selected)
         grad_inputs, supervised = self.grad_call.inputs(batch, selected_call, targets)
         self.grad_call.start(model, step, selected_call)
-        output = model(**grad_inputs, tokentune_step=step)
+        with self.grad_call.masks():
+            output = model(**grad_inputs, tokentune_step=step)
         return self.grad_call.finish(output, supervised, selected)
 
     def _pass_one(self, model, batch: StepBatch, prepared: PreparedBatch, generator, step: TokenTuneStep):

@@ -9,21 +9,38 @@
 
 Both have one protocol, which the engines call in order: :meth:`~SelectedTokensCall.new_rows` when the step
 starts, :meth:`~SelectedTokensCall.inputs` for the call's keywords, :meth:`~SelectedTokensCall.start` just
-before the call, :meth:`~SelectedTokensCall.finish` on its output.
+before the call, :meth:`~SelectedTokensCall.masks` around it (two passes), :meth:`~SelectedTokensCall.finish`
+on its output.
 """
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from peft.utils import TaskType
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .attention import mask_hook
 from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX
 from .selection.sampling import PAD_POSITION, gather_positions
 from .step_inputs import StepBatch
 from .whole_batch import WholeBatchRows, record_lower_layer_inputs, refuse_router_loss
+
+
+def without_masks() -> AbstractContextManager:
+    """Context for a call on the selected tokens: the model builds no attention mask (each would be [k x k]), since
+    their attention reads the masks recorded on the whole batch.
+
+    Example:
+        >>> from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        >>> with without_masks():
+        ...     ALL_MASK_ATTENTION_FUNCTIONS["tokentune_sdpa"](batch_size=1, q_length=2, kv_length=2) is None
+        True
+    """
+    return mask_hook(lambda build, *args, **kwargs: None)
 
 
 def selected_inputs(model: nn.Module, batch: StepBatch, selected_positions: torch.Tensor) -> dict | None:
@@ -89,6 +106,10 @@ class SelectedTokensCall:
     def start(self, model: nn.Module, step, selected: dict | None) -> None:
         """Just before the call (nothing to prepare)."""
 
+    def masks(self) -> AbstractContextManager:
+        """Context for the call in a two-pass step: it needs no mask of its own (:func:`without_masks`)."""
+        return without_masks()
+
     def finish(self, output: ModelOutput, supervised: bool, selected_positions: torch.Tensor) -> ModelOutput:
         """The step's output: the model's, with the selected positions."""
         if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
@@ -131,8 +152,13 @@ class WholeBatchCall(SelectedTokensCall):
     def start(self, model: nn.Module, step, selected: dict | None) -> None:
         """Record what the layers below the top receive in a call on the selected tokens, and turn the hooks on."""
         if selected is not None:
-            record_lower_layer_inputs(model.base_model, step.rows, selected, step)
+            with without_masks():
+                record_lower_layer_inputs(model.base_model, step.rows, selected, step)
         step.rows.running = True
+
+    def masks(self) -> AbstractContextManager:
+        """Context for the call in a two-pass step: the model's own masks, which its top layers read."""
+        return nullcontext()
 
 
 def grad_call_for(task_type: str, layers: list[nn.Module], dense_count: int, fed_pixel_values: bool):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from peft.utils import TaskType
 from torch import nn
 
 from .attention import SUPPORTED_BASE_IMPLEMENTATIONS, base_implementation_name
 
 _SINK_PARAMETER_NAMES = ("sinks", "s_aux")
+#: Names under which transformers' classification models (and peft's wrappers) keep a model's head.
+CLASSIFIER_NAMES = ("classifier", "score")
 
 
 def check_model_supported(model: nn.Module) -> None:
@@ -61,7 +64,7 @@ def check_head_supported(model: nn.Module, task_type: str | None) -> None:
         ...
         ValueError: The classification head pools over many tokens (config.classifier_pooling='mean'), ...
     """
-    if task_type != "SEQ_CLS":
+    if task_type != TaskType.SEQ_CLS:
         return
     for option, single_token in _POOLING_OPTIONS.items():
         value = getattr(model.config, option, None)

@@ -23,9 +23,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.utils import WEIGHTS_NAME as TRANSFORMERS_WEIGHTS_NAME
 
 from .config import TokenTuneConfig
-
-#: Names under which peft's classification wrappers look for a model's head.
-CLASSIFIER_NAMES = ("classifier", "score")
+from .model_support import CLASSIFIER_NAMES
 
 
 @dataclass

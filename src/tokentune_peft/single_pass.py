@@ -32,9 +32,9 @@ The first step runs the no-grad group to its end, then puts the random state bac
 leaves it (dropout's draws past its last hand-over undone): every step leaves the random stream alike,
 and a run resumed from a checkpoint trains as the whole run.
 
-The no-grad group's queries attend in up to ``ATTENTION_BLOCKS`` blocks, each over the span of keys its
-mask allows, so a causal mask costs about half of its scores, as the stock causal kernel does. The grad
-group's attend in one call, which keeps fewer bytes for backward (docs/benchmarks.md).
+Both groups' queries attend over every key through one function (:func:`~tokentune_peft.attention.over_all_keys`):
+on sdpa, a blockwise kernel that skips the key blocks a query block's mask hides (so a causal mask costs
+about half of its scores, as the stock causal kernel does) and never builds a [queries x keys] tensor.
 
 Where the single pass cannot run, :mod:`tokentune_peft.engine_choice` names the reason and the engine
 runs the two-pass step instead.
@@ -52,24 +52,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .alternation import Alternation
-from .attention import (
-    TokenTuneStep,
-    _sdpa_over_all_keys,
-    additive_row_mask,
-    call_is_causal,
-    mask_hook,
-    no_attention_error,
-)
-from .layers import hidden_of, skipping
+from .attention import QueryRows, TokenTuneStep, call_is_causal, mask_hook, no_attention_error
+from .layers import hidden_of, skipping, transformer_layers
 from .selection.sampling import PAD_POSITION, gather_positions
 from .whole_batch import WholeBatchRows
-
-#: The no-grad group's attention runs in up to this many blocks of queries, each over the keys they may see.
-ATTENTION_BLOCKS = 4
-MIN_BLOCK_QUERIES = 32
 
 
 class SinglePassUnsupported(RuntimeError):
@@ -98,62 +86,6 @@ def complement_positions(selected_positions: torch.Tensor, seq_len: int) -> torc
     return torch.where(order < seq_len, order, PAD_POSITION)
 
 
-def _attention_blocks(allowed: torch.Tensor, seq_len: int) -> list[tuple[int, int, int, int]]:
-    """Split the query slots into up to ``ATTENTION_BLOCKS`` runs, each over the span of keys its queries
-    may see: ``(first slot, end slot, first key, end key)``. Under a causal or sliding-window mask each
-    span is a fraction of the keys.
-
-    Args:
-        allowed: bool [batch, heads or 1, slots, keys], False on padded slots.
-
-    Example:
-        >>> causal = torch.ones(1, 1, 64, 64, dtype=torch.bool).tril()
-        >>> _attention_blocks(causal, 64)
-        [(0, 32, 0, 32), (32, 64, 0, 64)]
-    """
-    width = allowed.shape[2]
-    count = max(1, min(ATTENTION_BLOCKS, width // MIN_BLOCK_QUERIES))
-    bounds = [round(i * width / count) for i in range(count + 1)]
-    seen = allowed.any(dim=1).any(dim=0)  # [slots, keys]
-    blocks = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        keys = seen[start:end].any(dim=0).nonzero()
-        first, last = (int(keys[0]), int(keys[-1]) + 1) if keys.numel() else (0, seq_len)
-        blocks.append((start, end, first, last))
-    return blocks
-
-
-def _mask_blocks(row_mask: torch.Tensor, allowed: torch.Tensor, seq_len: int) -> list[tuple]:
-    """:func:`_attention_blocks` of ``allowed``, each with its own contiguous block of ``row_mask``.
-
-    Made once per step and shared by all layers: sdpa would otherwise keep a contiguous copy of a
-    block's mask for backward in every layer."""
-    return [
-        (start, end, first, last, row_mask[:, :, start:end, first:last].contiguous())
-        for start, end, first, last in _attention_blocks(allowed, seq_len)
-    ]
-
-
-def _in_blocks(over_all_keys: Callable, blocks_of: Callable) -> Callable:
-    """``over_all_keys`` run block by block (see :func:`_mask_blocks`) on the sdpa base."""
-    if over_all_keys is not _sdpa_over_all_keys:
-        return over_all_keys
-
-    def attend(module, query, keys, values, row_mask, **kwargs):
-        blocks = None if row_mask is None else blocks_of(row_mask)
-        if blocks is None or len(blocks) == 1:
-            return over_all_keys(module, query, keys, values, row_mask, **kwargs)
-        outputs = [
-            over_all_keys(
-                module, query[:, :, start:end], keys[:, :, first:last], values[:, :, first:last], mask, **kwargs
-            )[0]
-            for start, end, first, last, mask in blocks
-        ]
-        return torch.cat(outputs, dim=1), None
-
-    return attend
-
-
 def _random_state(device: torch.device) -> torch.Tensor:
     """The state of the generator dropout draws from on ``device``."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
@@ -169,12 +101,12 @@ def _set_random_state(device: torch.device, state: torch.Tensor) -> None:
 class _Rows:
     """The no-grad group's rows: positions ([batch, width], -1 padded) and their flat (row, slot) indices."""
 
-    def __init__(self, positions: torch.Tensor) -> None:
+    def __init__(self, positions: torch.Tensor, seq_len: int) -> None:
         self.valid = positions != PAD_POSITION
         self.positions = positions.clamp(min=0)
         self.rows, self.slots = self.valid.nonzero(as_tuple=True)
         self.flat_positions = self.positions[self.rows, self.slots]
-        self.row_masks: dict[tuple, tuple[torch.Tensor | None, list]] = {}
+        self.queries = QueryRows(positions, seq_len)
 
     def spread_rows(self, part: torch.Tensor, seq_len: int) -> torch.Tensor:
         """``part`` ([B, width, ...]) written at its positions of a [B, N, ...] tensor of zeros."""
@@ -188,21 +120,6 @@ class _Rows:
         full = part.new_zeros(batch, heads, seq_len, dim)
         full.transpose(1, 2).index_put_((self.rows, self.flat_positions), part.transpose(1, 2)[self.rows, self.slots])
         return full
-
-    def row_mask(self, mask: torch.Tensor | None, is_causal: bool, seq_len: int, dtype: torch.dtype, sdpa: bool):
-        """These rows of a full-sequence mask (one additive float mask shared by all layers), and their blocks.
-
-        A row that may see no key (a padding query) gets what the stock attention gives it: zeros from sdpa
-        (its masked keys at -inf), an even average from eager attention (at the dtype's minimum)."""
-        key = (id(mask), is_causal, dtype)
-        if key not in self.row_masks:
-            blocked = float("-inf") if sdpa else torch.finfo(dtype).min
-            blocks = None
-            additive, allowed = additive_row_mask(mask, is_causal, self.positions, self.valid, seq_len, dtype, blocked)
-            if additive is not None:
-                blocks = _mask_blocks(additive, allowed & self.valid[:, None, :, None], seq_len)
-            self.row_masks[key] = additive, blocks
-        return self.row_masks[key]
 
 
 class SinglePassStep(TokenTuneStep):
@@ -237,7 +154,7 @@ class SinglePassStep(TokenTuneStep):
         self.recorded = 0  # the no-grad group's attention calls so far
         self.attended = 0  # the grad group's, in its forward
         self.select(selected_positions)
-        self.rest = _Rows(complement_positions(selected_positions, seq_len))
+        self.rest = _Rows(complement_positions(selected_positions, seq_len), seq_len)
         self.built_masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
         self.probing = True
         self.finished = False  # the forward is over: attention calls now are gradient checkpointing's replays
@@ -334,11 +251,8 @@ class SinglePassStep(TokenTuneStep):
         self.alternation.hand_over()  # the grad group writes its rows into the recorded keys and values
         if self.attention_calls is None:  # where a later step will stop: see _run_no_grad
             self._random_state_after_last_hand_over = _random_state(self._device)
-        sdpa = over_all_keys is _sdpa_over_all_keys
-        row_mask, blocks = self.rest.row_mask(mask, is_causal, self.seq_len, query.dtype, sdpa)
-        attend = _in_blocks(over_all_keys, lambda _: blocks)
         keys, values = self.keys[module].detach(), self.values[module].detach()
-        return attend(module, query, keys, values, row_mask, **{**kwargs, "is_causal": False})
+        return over_all_keys(module, query, keys, values, self.rest.queries, mask, is_causal, kwargs)
 
     # The two groups ----------------------------------------------------------------------------------
 
@@ -377,8 +291,7 @@ class SinglePassStep(TokenTuneStep):
         """
         backbone = model.base_model
         # The probe runs with every transformer layer skipped: by their first, the model has built its masks.
-        layers = [module for module in backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
-        with torch.no_grad(), self.record_masks(), skipping(layers, {}):
+        with torch.no_grad(), self.record_masks(), skipping(transformer_layers(backbone), {}):
             backbone(**backbone_inputs, use_cache=False, tokentune_step=self)
         self.probing = False
         with self.replay_masks():  # the masks the grad group's attention receives

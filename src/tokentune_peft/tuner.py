@@ -21,10 +21,10 @@ from .attention import base_implementation_name, tokentune_implementation_name
 from .config import TokenTuneConfig
 from .engine import TokenTuneEngine
 from .grad_call import grad_call_for
-from .model_support import check_head_supported, check_model_supported, is_decoder
+from .model_support import CLASSIFIER_NAMES, check_head_supported, check_model_supported, is_decoder
 from .multimodal import check_vision_language_model_supported, is_vision_language_model, language_model
 from .quantization import check_4bit_layers_trainable, keep_4bit_layers_trainable
-from .save_formats import CLASSIFIER_NAMES, FullModelTokenTuneConfig, LoraConfigWithTokenTune
+from .save_formats import FullModelTokenTuneConfig, LoraConfigWithTokenTune
 from .selection import build_selector
 from .step_inputs import feed_for
 from .vision import check_image_model_supported, fed_pixel_values

@@ -57,10 +57,10 @@ def fed_pixel_values(model: nn.Module) -> bool:
     """Whether ``model`` is fed ``pixel_values``, building the sequence of its transformer layers from them.
 
     Example:
-        >>> from transformers import BertConfig, BertModel
-        >>> fed_pixel_values(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        ...                                          intermediate_size=64)))
-        False
+        >>> from transformers import ViTConfig, ViTModel
+        >>> fed_pixel_values(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                                     intermediate_size=64, image_size=16, patch_size=8)))
+        True
     """
     return getattr(model, "main_input_name", None) == "pixel_values"
 

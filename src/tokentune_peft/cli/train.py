@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import TaskType
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -45,9 +46,9 @@ from .plots import new_figure, save_figure
 from .recipes import RecipeArguments, RecipeError, lora_config, parse_recipe, recipe_parser, tokentune_config
 
 AUTO_CLASSES = {
-    "SEQ_CLS": AutoModelForSequenceClassification,
-    "TOKEN_CLS": AutoModelForTokenClassification,
-    "CAUSAL_LM": AutoModelForCausalLM,
+    TaskType.SEQ_CLS: AutoModelForSequenceClassification,
+    TaskType.TOKEN_CLS: AutoModelForTokenClassification,
+    TaskType.CAUSAL_LM: AutoModelForCausalLM,
 }
 NUM_LABELS = {"rotten_tomatoes": 2, "digits": 10}
 
@@ -182,7 +183,7 @@ def make_collator(recipe: RecipeArguments, tokenizer):
     """The collator that pads a recipe's batches (labels padded with -100 for token-level tasks)."""
     if tokenizer is None:  # images: all of one size
         return default_data_collator
-    if recipe.task_type == "SEQ_CLS":
+    if recipe.task_type == TaskType.SEQ_CLS:
         return DataCollatorWithPadding(tokenizer)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
 
@@ -193,7 +194,7 @@ def run(recipe: RecipeArguments, training, callbacks: list[TrainerCallback] | No
     model, tokenizer = load_model_and_tokenizer(recipe)
     datasets = load_datasets(recipe, tokenizer)
     held_out = datasets["test"]
-    classification = recipe.task_type == "SEQ_CLS"
+    classification = recipe.task_type == TaskType.SEQ_CLS
     collator = make_collator(recipe, tokenizer)
     model = wrap_model(model, recipe, training.seed)
     trainer_class = TokenTuneTrainer if recipe.tokentune else Trainer

@@ -23,6 +23,7 @@ import torch
 from peft.utils import TaskType
 from torch import nn
 
+from ..model_support import CLASSIFIER_NAMES
 from .importance import AttentionImportance
 from .labels import IGNORE_INDEX
 
@@ -32,7 +33,7 @@ LOGITS_CHUNK = 256
 
 def output_head(model: nn.Module, task_type: str) -> nn.Module:
     """The module that turns last hidden states into logits: the LM head (CAUSAL_LM) or the token
-    classifier (TOKEN_CLS, ``classifier`` or ``score`` as transformers names it).
+    classifier (TOKEN_CLS, named as in :data:`~tokentune_peft.model_support.CLASSIFIER_NAMES`).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,9 +45,8 @@ def output_head(model: nn.Module, task_type: str) -> nn.Module:
     if task_type == TaskType.CAUSAL_LM:
         head = model.get_output_embeddings()
     else:
-        head = getattr(model, "classifier", None)
-        if head is None:  # a module's truth value is not its presence (a Sequential of length 0 is false)
-            head = getattr(model, "score", None)
+        # The first name present (a module's truth value is not its presence: a Sequential of length 0 is false).
+        head = next((getattr(model, name) for name in CLASSIFIER_NAMES if getattr(model, name, None) is not None), None)
     if not isinstance(head, nn.Module):
         raise ValueError(
             f"selection='gradient' needs the output head of {type(model).__name__} (task {task_type}) to score the "

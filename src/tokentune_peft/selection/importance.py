@@ -62,7 +62,7 @@ class AttentionImportance:
         keys = key.float().repeat_interleave(groups, dim=1)
         scale = head_dim**-0.5 if scaling is None else scaling
         logits = reader_queries @ keys.transpose(-1, -2) * scale  # [B, H, r, N]
-        allowed = allowed_keys(mask, is_causal, positions, valid, seq_len)
+        allowed = allowed_keys(mask, is_causal, self.readers, 0, seq_len)
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -torch.inf)
         value_norms = value.float().norm(dim=-1).repeat_interleave(groups, dim=1)  # [B, H, N]
