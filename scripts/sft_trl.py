@@ -64,9 +64,9 @@ def activation_mib(trainer: SFTTrainer) -> dict[str, float | None]:
     if isinstance(trainer, TokenTuneSFTTrainer):
         tokentune = saved_activation_bytes(
             model,
-            lambda: (
-                model(**batch, fused_lm_head=True, selection_generator=trainer.selection_generator, use_cache=False).loss
-            ),
+            lambda: model(
+                **batch, fused_lm_head=True, selection_generator=trainer.selection_generator, use_cache=False
+            ).loss,
         )
     lora_model = model.base_model.model  # the transformers model with its LoRA layers, called without TokenTune
     plain = {key: value for key, value in batch.items() if key != "selected_positions"}
