@@ -279,6 +279,15 @@ def test_bfloat16_matches_the_float32_reference_within_bfloat16_precision():
         assert_close(grad, expected_grad, 3e-2)
 
 
+def test_bfloat16_sums_over_many_key_blocks_in_float32():
+    # Uniform attention over 2048 keys in blocks of 3: a bfloat16 running sum of 3s would round off from 256 on.
+    query = torch.randn(1, 2, 3, DIM, dtype=torch.bfloat16)
+    key = torch.zeros(1, 2, 2048, DIM, dtype=torch.bfloat16)
+    value = torch.randn(1, 2, 2048, DIM, dtype=torch.bfloat16)
+    out = blockwise_attention(query, key, value, torch.tensor([[5, 700, 2047]]), None, key_block=3)
+    assert_close(out, value.float().mean(2, keepdim=True).expand(-1, -1, 3, -1), 1e-2)
+
+
 class LargestTensorMeter(TorchDispatchMode):
     """Records the largest number of elements of any tensor an op returns."""
 
@@ -309,7 +318,7 @@ def measure_step(attention, query, key, value):
     return meter.largest, sum(saved)
 
 
-# A long sequence: Q x N = 4.9M elements, far above one block of 4 heads x 256 x 1024 = 1M.
+# A long sequence: Q x N = 4.9M elements, far above one block of 4 heads x 256 x 1024 = 1M (blocks set below).
 LONG_LEN, LONG_QUERIES, HEADS, KV_HEADS, HEAD_DIM = 4096, 1200, 4, 2, 16
 
 
