@@ -152,6 +152,28 @@ def test_float64_gradients_pass_gradcheck():
     )
 
 
+def test_transposed_inputs_as_a_model_passes_them():
+    # Attention modules hand over [B, H, N, D] views of [B, N, H, D] projections.
+    positions = query_positions()
+    query, key, value, grad_out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in inputs())
+    assert not query.is_contiguous() and not key.is_contiguous()
+    assert not query.clone().is_contiguous()  # output_and_grads' leaves keep the layout
+    allowed = dense_allowed("causal", positions)
+    expected, expected_grads = output_and_grads(
+        lambda q, k, v: reference_attention(q, k, v, allowed), query, key, value, grad_out
+    )
+    out, grads = output_and_grads(
+        lambda q, k, v: blockwise_attention(q, k, v, positions, mask_block("causal"), None, 4, 8),
+        query,
+        key,
+        value,
+        grad_out,
+    )
+    assert_close(out, expected, 1e-5)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert_close(grad, expected_grad, 1e-5)
+
+
 def test_query_with_no_allowed_key_gets_zero_output_and_zero_gradient():
     # Batch row 1 is left-padded over positions 0-5: its queries at 0 and 4 and its padded slot (dummy 0) see no key.
     positions = torch.tensor([[2, 9, 20, 36, 0], [0, 4, 6, 30, 0]])
