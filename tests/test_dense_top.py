@@ -54,7 +54,7 @@ def logged_losses(trainer) -> list[float]:
 @pytest.mark.parametrize("dense", [1, 2])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize(("arch", "task"), CASES, ids=CASE_IDS)
-def test_gradient_matches_naive_definition(arch, task, lora, dense, engine):
+def test_gradient_matches_naive_definition(arch, task, lora, dense, engine, attention_path):
     model = wrap(build(arch, task), task, lora, dense_top_layers=dense, engine=engine)
     batch = make_batch(model, task)
     check_against_naive(model, batch, fixed_selection(batch, arch, task, model), task)
@@ -142,7 +142,7 @@ def packed_batch() -> dict:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_packed_batch_matches_the_naive_definition(engine):
+def test_packed_batch_matches_the_naive_definition(engine, attention_path):
     batch = packed_batch()
     model = wrap(build("mistral", "CAUSAL_LM"), "CAUSAL_LM", lora=True, dense_top_layers=1, engine=engine)
     check_against_naive(model, batch, torch.tensor([[0, 3, 5, 6, 11, 14]]), "CAUSAL_LM")

@@ -25,7 +25,7 @@ CASE_IDS = [f"{arch}-{task.lower()}" for arch, task in CASES]
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize(("arch", "task"), CASES, ids=CASE_IDS)
-def test_gradient_matches_naive_definition(arch, task, lora):
+def test_gradient_matches_naive_definition(arch, task, lora, attention_path):
     model = wrap(build_model(arch, task), task, lora)
     batch = make_batch(model, task)
     selected = fixed_selection(batch, arch, task, model)
@@ -46,7 +46,7 @@ def test_a_single_row_batch_with_a_materialised_mask_matches_naive_definition(ar
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize(("arch", "task"), CASES, ids=CASE_IDS)
-def test_forward_matches_stock_model_at_selected_positions(arch, task, padding_side):
+def test_forward_matches_stock_model_at_selected_positions(arch, task, padding_side, attention_path):
     if arch in ENCODERS and task == "SEQ_CLS" and padding_side == "left":
         pytest.skip("encoder poolers read index 0, which left padding makes a padding token")
     stock = build_model(arch, task)
@@ -105,7 +105,7 @@ def test_ratio_one_gives_full_fine_tuning_gradient(arch, lora):
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize(("arch", "task"), [("llama", "CAUSAL_LM"), ("mistral", "CAUSAL_LM"), ("bert", "SEQ_CLS")])
-def test_gradient_checkpointing_gives_the_same_gradient(arch, task, lora, use_reentrant):
+def test_gradient_checkpointing_gives_the_same_gradient(arch, task, lora, use_reentrant, attention_path):
     plain = wrap(build_model(arch, task), task, lora)
     base = build_model(arch, task)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
@@ -121,7 +121,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(arch, task, lora, use_re
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_bf16_weights_match_naive_definition(lora):
+def test_bf16_weights_match_naive_definition(lora, attention_path):
     model = wrap(build_model("qwen3", "CAUSAL_LM").to(torch.bfloat16), "CAUSAL_LM", lora)
     batch = make_batch(model, "CAUSAL_LM")
     selected = fixed_selection(batch, "qwen3", "CAUSAL_LM", model)

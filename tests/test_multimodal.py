@@ -94,7 +94,7 @@ def test_ratio_one_equals_the_stock_model(arch, lora, engine):
 @pytest.mark.parametrize("dense_top_layers", [0, 1])
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gradient_matches_naive_definition(arch, engine, dense_top_layers):
+def test_gradient_matches_naive_definition(arch, engine, dense_top_layers, attention_path):
     """Every weight trains: the vision tower and projector get the gradient of the selected image tokens."""
     model = wrap_vlm(build_vlm(arch), lora=False, engine=engine, dense_top_layers=dense_top_layers)
     # Row 0 selects two image tokens (5, 7), row 1 none; both select some answer tokens.

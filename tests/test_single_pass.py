@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -42,6 +46,11 @@ def engine_of(model):
     return model.base_model.tokentune_engine
 
 
+def other_threads() -> list[threading.Thread]:
+    """The process's threads but the engines' no-grad workers, which live as long as their models."""
+    return [thread for thread in threading.enumerate() if thread.name != "tokentune-no-grad-group"]
+
+
 def step_with(model, batch, selected, engine: str):
     engine_of(model).choice.asked = Engine(engine)
     model.zero_grad(set_to_none=True)
@@ -53,7 +62,7 @@ def step_with(model, batch, selected, engine: str):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize(("arch", "task"), ARCHS, ids=ARCH_IDS)
-def test_single_pass_gradient_matches_naive_definition_and_two_passes(arch, task, lora):
+def test_single_pass_gradient_matches_naive_definition_and_two_passes(arch, task, lora, attention_path):
     model = wrap(build_model(arch, task), task, lora)
     batch = make_batch(model, task)
     selected = fixed_selection(batch, arch, task, model)
@@ -101,11 +110,11 @@ def test_a_model_making_more_attention_calls_than_counted_falls_back_to_two_pass
     batch = make_batch(model, "CAUSAL_LM")
     selected = fixed_selection(batch, "llama", "CAUSAL_LM", model)
     engine_of(model).choice.attention_calls = 1  # as if an earlier step had made one attention call
-    threads = threading.active_count()
+    threads = len(other_threads())
     with caplog.at_level(logging.WARNING, logger="tokentune_peft.engine_choice"):
         loss = model(**batch, selected_positions=selected).loss
     loss.backward()
-    assert threading.active_count() == threads
+    assert len(other_threads()) == threads
     assert engine_of(model).engine_used == "two-pass"
     assert "more self-attention calls (2) than an earlier step of the model (1)" in caplog.text
     expected, expected_grads = step_with(reference, batch, selected, "two-pass")
@@ -263,11 +272,11 @@ def test_a_model_the_single_pass_cannot_follow_falls_back_with_a_warning(monkeyp
         raise SinglePassUnsupported("the groups reached different attention calls")
 
     monkeypatch.setattr(SinglePassStep, "attend", diverge)
-    threads = threading.active_count()
+    threads = len(other_threads())
     with caplog.at_level(logging.INFO, logger="tokentune_peft.engine_choice"):
         loss = model(**batch, selected_positions=selected).loss
     loss.backward()
-    assert threading.active_count() == threads  # the no-grad group was released, not left waiting
+    assert len(other_threads()) == threads  # the no-grad group was released, not left waiting
     assert engine_of(model).engine_used == "two-pass"
     assert "falls back to the two-pass step for this model: the groups reached different" in caplog.text
     expected, _ = step_with(reference, batch, selected, "two-pass")
@@ -284,10 +293,10 @@ def test_an_error_in_the_no_grad_group_reaches_the_caller_and_releases_both_grou
         raise ValueError("boom")
 
     monkeypatch.setattr(SinglePassStep, "_attend_no_grad", fail)
-    threads = threading.active_count()
+    threads = len(other_threads())
     with pytest.raises(RuntimeError, match="no-grad row group of a single-pass TokenTune step failed: ValueError"):
         model(**batch)
-    assert threading.active_count() == threads
+    assert len(other_threads()) == threads
 
 
 def test_an_error_in_the_grad_group_releases_the_no_grad_group():
@@ -297,10 +306,10 @@ def test_an_error_in_the_grad_group_releases_the_no_grad_group():
 
     model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
     model.get_base_model().lm_head = Failing()
-    threads = threading.active_count()
+    threads = len(other_threads())
     with pytest.raises(KeyError, match="head"):
         model(**make_batch(model, "CAUSAL_LM"))
-    assert threading.active_count() == threads
+    assert len(other_threads()) == threads
 
 
 def test_complement_positions_cover_every_position_once():
@@ -324,7 +333,59 @@ def test_with_every_token_selected_the_grad_group_runs_alone():
     model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False, selection_ratio=1.0)
     batch = make_batch(model, "CAUSAL_LM", padding_side="right")
     selected = model(**batch).selected_positions
-    threads = threading.active_count()
+    threads = len(other_threads())
     losses = [step_with(model, batch, selected, engine)[0] for engine in ("two-pass", "single-pass")]
-    assert threading.active_count() == threads
+    assert len(other_threads()) == threads
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+
+
+def test_the_no_grad_group_runs_on_one_thread_over_many_steps_which_ends_with_the_model(monkeypatch):
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    batch = make_batch(model, "CAUSAL_LM")
+    started = []
+    start = threading.Thread.start
+
+    def counted_start(thread):
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted_start)
+    for _ in range(4):
+        model(**batch).loss.backward()
+        assert engine_of(model).engine_used == "single-pass"
+    assert started == ["tokentune-no-grad-group"]
+    worker = engine_of(model).worker.thread
+    del model
+    gc.collect()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_runs_single_pass_steps_on_a_worker_of_its_own():
+    """As a DataLoader worker would be: forked after the parent's worker thread started."""
+    model = wrap(build_model("llama", "CAUSAL_LM"), "CAUSAL_LM", lora=False)
+    batch = make_batch(model, "CAUSAL_LM")
+    model(**batch).loss.backward()  # the parent's worker thread runs
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next step, on a worker of its own, reported through the pipe
+        try:
+            torch.set_num_threads(1)  # as a DataLoader worker does: OpenMP's pool does not survive a fork
+            loss = model(**batch).loss
+            os.write(write, f"{engine_of(model).engine_used.value} {loss.item()!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked process's step did not finish")
+        time.sleep(0.2)
+    engine, loss = os.read(read, 256).decode().split()
+    os.close(read)
+    assert engine == "single-pass"
+    expected = model(**batch).loss.item()  # the parent's own next step: the same positions
+    assert float(loss) == pytest.approx(expected, rel=1e-5)  # one thread sums in another order

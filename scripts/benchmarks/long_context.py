@@ -100,7 +100,7 @@ def plot(rows: list[dict], output_dir: str) -> None:
     from tokentune_peft.cli.plots import new_figure, save_figure
 
     for key, label in (("peak_growth_mib", "peak memory growth of one step (MiB)"), ("step_seconds", "step (s)")):
-        figure, axes = new_figure()
+        figure, (axes,) = new_figure()
         for setting in dict.fromkeys(row["setting"] for row in rows):
             points = sorted((row["seq_len"], row[key]) for row in rows if row["setting"] == setting)
             axes.plot(*zip(*points, strict=True), marker="o", label=setting)

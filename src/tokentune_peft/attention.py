@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .blockwise_attention import MaskBlock, blockwise_attention
+from .blockwise_attention import KEY_BLOCK, QUERY_BLOCK, MaskBlock, blockwise_attention
 from .whole_batch import WholeBatchRows
 
 #: Stock attention implementations TokenTune can sit on top of.
@@ -155,16 +155,24 @@ class QueryRows:
         return self._dense[key]
 
 
+#: The rows of a batch row whose dense mask has at most this many elements (one block of the kernel) attend in one
+#: SDPA call; longer ones block by block.
+ONE_CALL_ELEMENTS = QUERY_BLOCK * KEY_BLOCK
+
+
 def over_all_keys(base: str, stock: Callable) -> Callable:
     """The attention of queries at chosen positions over every key, on the ``base`` implementation.
 
-    On sdpa it is the blockwise kernel, whose memory is linear in the sequence length; with attention dropout
-    (which the kernel does not draw) and on eager it is the stock function with the rows' dense mask.
+    On sdpa it is the blockwise kernel, whose memory is linear in the sequence length, unless the rows' whole mask
+    is no larger than one of the kernel's blocks: then one SDPA call with that mask is the faster way to the same
+    block. With attention dropout (which the kernel does not draw) and on eager it is the stock function with the
+    rows' dense mask.
     """
 
     def attend(module, query, keys, values, rows: QueryRows, mask, is_causal: bool, kwargs: dict):
         kwargs = {**kwargs, "is_causal": False}
-        if base == "sdpa" and not kwargs.get("dropout"):
+        one_call = rows.positions.shape[1] * rows.seq_len <= ONE_CALL_ELEMENTS
+        if base == "sdpa" and not kwargs.get("dropout") and not one_call:
             block = rows.mask_block(mask, is_causal)
             output = blockwise_attention(query, keys, values, rows.positions, block, scale=kwargs.get("scaling"))
             return output.transpose(1, 2).contiguous(), None

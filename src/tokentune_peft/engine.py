@@ -41,9 +41,10 @@ from peft.utils import TaskType
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .alternation import Worker
 from .attention import TokenTuneStep, no_attention_error
 from .engine_choice import Engine, EngineChoice
-from .grad_call import SelectedTokensCall, WholeBatchCall, selected_inputs
+from .grad_call import SelectedTokensCall, WholeBatchCall, selected_inputs, without_masks
 from .layers import hidden_of, skipping
 from .selection.labels import selected_targets
 from .selection.sampling import PAD_POSITION, validate_selected_positions
@@ -133,6 +134,8 @@ class TokenTuneEngine:
         self.feed = TextFeed() if feed is None else feed
         self.grad_call = SelectedTokensCall(selector.task_type) if grad_call is None else grad_call
         self.generator = torch.Generator().manual_seed(seed)
+        #: The single pass's no-grad group runs on this thread, started at its first step; it ends with the engine.
+        self.worker = Worker()
 
     @property
     def task_type(self) -> str:
@@ -204,6 +207,7 @@ class TokenTuneEngine:
             budget=partial(self.selector.budget, model, input_ids, real_tokens) if selected_positions is None else None,
         )
 
+    @torch.compiler.disable  # the step's own Python (passes, row groups, probes) runs eagerly in a compiled model
     def __call__(
         self,
         model: nn.Module,
@@ -280,7 +284,7 @@ class TokenTuneEngine:
         rows = self.grad_call.new_rows(batch.seq_len)
         # With dense top layers the no-grad group already stops below them.
         calls = self.choice.attention_calls if rows is None else None
-        step = SinglePassStep(batch.seq_len, selected, rows=rows, attention_calls=calls)
+        step = SinglePassStep(batch.seq_len, selected, rows=rows, attention_calls=calls, worker=self.worker)
         try:
             start_grad_call = partial(self.grad_call.start, model, step, selected_call)
             output = step.run(model, batch.backbone_inputs, grad_inputs, start_grad_call)
@@ -299,7 +303,8 @@ class TokenTuneEngine:
         targets = prepared.targets if prepared.selected_positions is not None else self._targets(batch.labels, selected)
         selected_call = selected_inputs(model, batch, selected)
         grad_inputs, supervised = self.grad_call.inputs(batch, selected_call, targets)
-        self.grad_call.start(model, step, selected_call)
+        with without_masks():  # the selected probe's masks: the recorded ones serve
+            self.grad_call.start(model, step, selected_call)
         with self.grad_call.masks():
             output = model(**grad_inputs, tokentune_step=step)
         return self.grad_call.finish(output, supervised, selected)

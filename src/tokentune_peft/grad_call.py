@@ -152,8 +152,7 @@ class WholeBatchCall(SelectedTokensCall):
     def start(self, model: nn.Module, step, selected: dict | None) -> None:
         """Record what the layers below the top receive in a call on the selected tokens, and turn the hooks on."""
         if selected is not None:
-            with without_masks():
-                record_lower_layer_inputs(model.base_model, step.rows, selected, step)
+            record_lower_layer_inputs(model.base_model, step.rows, selected, step)
         step.rows.running = True
 
     def masks(self) -> AbstractContextManager:

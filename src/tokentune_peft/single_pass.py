@@ -6,8 +6,8 @@ the batch is split into two row groups that run as two cooperating calls of the 
 
 * the **grad group** (the caller's thread, autograd on) runs the whole model on the selected tokens,
   exactly the call the two-pass engine makes in its pass 2, and returns the output and the loss;
-* the **no-grad group** (a helper thread under ``torch.no_grad``) runs only the backbone on the
-  other tokens; its output is discarded.
+* the **no-grad group** (under ``torch.no_grad``, on a worker thread the engine starts once and keeps)
+  runs only the backbone on the other tokens; its output is discarded.
 
 They meet in every self-attention, through the attention function TokenTune registers with
 transformers: the no-grad group arrives first and leaves its keys and values; the grad group writes
@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .alternation import Alternation
+from .alternation import Alternation, Worker
 from .attention import QueryRows, TokenTuneStep, call_is_causal, mask_hook, no_attention_error
 from .layers import hidden_of, skipping, transformer_layers
 from .selection.sampling import PAD_POSITION, gather_positions
@@ -140,6 +140,8 @@ class SinglePassStep(TokenTuneStep):
         rows: the rows each layer runs in a whole-batch grad call, if the step's grad call is one.
         attention_calls: self-attention calls of the model's forward, if known (an earlier step's
             :attr:`attended`); the no-grad group stops once it has recorded the last one.
+        worker: the thread the no-grad group runs on (:class:`~tokentune_peft.alternation.Worker`), kept by the
+            engine across steps; a new one if None.
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class SinglePassStep(TokenTuneStep):
         selected_positions: torch.Tensor,
         rows: WholeBatchRows | None = None,
         attention_calls: int | None = None,
+        worker: Worker | None = None,
     ) -> None:
         super().__init__(seq_len, rows=rows)
         self.attention_calls = attention_calls
@@ -158,7 +161,7 @@ class SinglePassStep(TokenTuneStep):
         self.built_masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
         self.probing = True
         self.finished = False  # the forward is over: attention calls now are gradient checkpointing's replays
-        self.alternation = Alternation(stops=(StopForward,))
+        self.alternation = Alternation(Worker() if worker is None else worker, stops=(StopForward,))
         self._next_module: nn.Module | None = None
         self._device: torch.device | None = None
         self._random_state_after_last_hand_over: torch.Tensor | None = None
