@@ -112,6 +112,20 @@ def plot(rows: list[dict], output_dir: str) -> None:
         save_figure(figure, os.path.join(output_dir, f"{key}.png"), f"llama-tiny, one training step: {label}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The results as a markdown table, one row per length and setting."""
+    lines = [
+        "| tokens | setting | peak growth (MiB) | vs stock | saved activations (MiB) | step (s) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['seq_len']:,} | {row['setting']} | {row['peak_growth_mib']:.1f} "
+            f"| {row.get('peak_vs_stock', 1):.3f} | {row['saved_activation_mib']:.1f} | {row['step_seconds']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
@@ -136,6 +150,7 @@ def main() -> None:
         with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
             json.dump(rows, handle, indent=1)
         plot(rows, args.output_dir)
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":
