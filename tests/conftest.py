@@ -1,13 +1,10 @@
-"""pytest setup: the tests import their helpers and the scripts/ studies by name; nothing reaches the Hub."""
+"""pytest setup: nothing reaches the Hub. The tests import their helpers by name and the benchmarks and studies
+as the ``scripts`` package, both found through pyproject.toml's ``pythonpath`` (the repository root and tests/)."""
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-# The studies and benchmarks in scripts/ are run from a checkout; their tests import them from there.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Scripts that the multi-process tests launch; importing them would start them.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmark import Setting, main
+from scripts.benchmarks.benchmark import Setting, main
 
 
 def test_quick_benchmark_writes_table_json_and_plots(tmp_path):

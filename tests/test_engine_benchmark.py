@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine_benchmark import main
+from scripts.benchmarks.engine_benchmark import main
 
 
 def test_engine_benchmark_times_three_settings_and_profiles_them(tmp_path):

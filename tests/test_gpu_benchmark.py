@@ -4,15 +4,14 @@ machine with only torch, transformers, peft and accelerate (the GPU machine's st
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from gpu_benchmark import SMOKE_SETTINGS, main
+from scripts.common import ROOT
+from scripts.gpu.gpu_benchmark import SMOKE_SETTINGS, main
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 #: Installed here, absent on the GPU machine.
 ABSENT_ON_GPU_MACHINE = ("bitsandbytes", "datasets", "trl", "liger_kernel")
 
@@ -66,11 +65,11 @@ def test_package_and_script_import_without_the_libraries_the_gpu_machine_lacks()
     Liger-Kernel: importing them must not be needed (a None in sys.modules makes an import fail, and
     ``find_spec`` report the package missing)."""
     code = (
-        f"import sys; sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINE!r})); sys.path.insert(0, {SCRIPTS!r}); "
-        "import tokentune_peft, gpu_benchmark, torch; "
+        f"import sys; sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINE!r})); "
+        "import tokentune_peft, torch; from scripts.gpu import gpu_benchmark; "
         "print(gpu_benchmark.liger_unavailable(torch.device('cuda')))"
     )
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip().splitlines()[-1] == "liger_kernel is not installed"
 
@@ -84,17 +83,17 @@ def test_settings_it_cannot_build_are_refused_before_anything_runs(name, tmp_pat
 
 def test_four_bit_settings_are_refused_by_name_without_bitsandbytes(tmp_path):
     code = (
-        f"import sys; sys.modules['bitsandbytes'] = None; sys.path.insert(0, {SCRIPTS!r}); import gpu_benchmark; "
+        "import sys; sys.modules['bitsandbytes'] = None; from scripts.gpu import gpu_benchmark; "
         f"gpu_benchmark.main(['--device', 'cpu', '--settings', 'lora', 'tokentune-0.3+qlora', '--output_dir', "
         f"{str(tmp_path)!r}])"
     )
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert completed.returncode != 0 and not any(tmp_path.iterdir())
     assert "`settings` ['tokentune-0.3+qlora'] need a 4-bit base, and bitsandbytes is not installed" in completed.stderr
 
 
 def test_profile_script_times_and_profiles_each_setting_on_the_cpu(capsys):
-    import gpu_profile
+    from scripts.gpu import gpu_profile
 
     gpu_profile.main(
         [

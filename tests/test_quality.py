@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-import quality
 from helpers import offline_installed
-from quality_report import TARGETS, VIEWS, frontier, grid_table, target_line
-from study_utils import LearningCurve
+from scripts.studies import quality
+from scripts.studies.common import LearningCurve
+from scripts.studies.quality_report import TARGETS, VIEWS, frontier, grid_table, target_line
 
 
 def quick(tmp_path, *extra: str) -> None:

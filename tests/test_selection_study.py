@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import offline_installed
-from selection_study import TASK_STRATEGIES, main
+from scripts.studies.selection_study import TASK_STRATEGIES, main
 
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")

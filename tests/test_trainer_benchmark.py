@@ -7,10 +7,9 @@ import os
 
 import pytest
 
-from trainer_benchmark import main
-
 from helpers import offline_installed
-from study_utils import CONFIG_DIR
+from scripts.benchmarks.trainer_benchmark import main
+from scripts.common import CONFIG_DIR
 
 
 @pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")

@@ -2,7 +2,8 @@
 
 Run from a checkout on 2 processes (CPU, gloo, or GPUs with nccl):
 
-    python -m torch.distributed.run --nproc_per_node 2 scripts/fsdp_benchmark.py --output docs/fsdp/results.md
+    python -m torch.distributed.run --nproc_per_node 2 -m scripts.benchmarks.fsdp_benchmark \\
+        --output docs/fsdp/results.md
 
 Each setting shards a fresh copy of one random Llama-architecture model with ``fully_shard`` (every
 decoder layer, then the root) and runs ``--warmup`` + ``--steps`` training steps (forward, backward,

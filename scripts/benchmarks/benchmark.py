@@ -6,9 +6,9 @@ CPU, ``torch.cuda.max_memory_allocated`` on GPU, both counted from after the mod
 the median training-step time (optimizer step included), with ratios to full fine-tuning from the
 same run, and writes a Markdown table, JSON and PNG plots.
 
-    python scripts/benchmark.py --model llama-1024 --batch_size 2 --seq_len 512 --output_dir docs/benchmarks
+    python -m scripts.benchmarks.benchmark --model llama-1024 --batch_size 2 --seq_len 512 --output_dir docs/benchmarks
 
-Image models (:data:`~tokentune_peft.cli.model_configs.IMAGE_MODELS`) take random images: "vit-b16" classifies
+Image models (:data:`~scripts.benchmarks.shapes.IMAGE_MODELS`) take random images: "vit-b16" classifies
 224 px images (197 tokens; ``seq_len`` is unused), "smolvlm-512" reads one 512 px image (64 image tokens) before
 ``seq_len`` text tokens; its LoRA settings put LoRA on the language model only, so its vision tower is frozen,
 while full fine-tuning trains the tower too (with its full activations: TokenTune selects on the language model).
@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -36,19 +36,27 @@ from transformers import (
     HfArgumentParser,
 )
 
-from tokentune_peft.cli.model_configs import (
-    IMAGE_MODELS,
-    LLAMA_SIZES,
-    SMOLVLM_IMAGE_TOKEN,
-    image_model_config,
-    llama_config,
-)
 from tokentune_peft.cli.plots import new_figure, save_figure
-from tokentune_peft.config import TokenTuneConfig
 from tokentune_peft.layers import transformer_layers
 from tokentune_peft.memory import MIB, SavedTensorMeter
 
-from study_utils import machine_description
+from scripts.benchmarks.common import (
+    DTYPES,
+    Setting,
+    add_ratios,
+    keys_and_values_bytes,
+    measured_rows,
+    peak_memory,
+    random_batch,
+    ratio_cell,
+    reset_peak_memory,
+    set_up,
+    synchronize,
+    table_head,
+    training_step,
+)
+from scripts.benchmarks.shapes import IMAGE_MODELS, LLAMA_SHAPES, SMOLVLM_IMAGE_TOKEN, image_model_config, llama_config
+from scripts.common import ROOT, machine_description
 
 #: Real pretrained models installed offline (see :mod:`tokentune_peft.cli.offline`), and their task.
 PRETRAINED_TASKS = {"smollm2": "CAUSAL_LM", "minilm": "SEQ_CLS"}
@@ -56,94 +64,11 @@ PRETRAINED_TASKS = {"smollm2": "CAUSAL_LM", "minilm": "SEQ_CLS"}
 IMAGE_TASKS = {"vit-b16": "SEQ_CLS", "smolvlm-512": "CAUSAL_LM"}
 IMAGE_AUTO_CLASSES = {"vit-b16": AutoModelForImageClassification, "smolvlm-512": AutoModelForImageTextToText}
 LORA_TARGETS = {"smolvlm-512": r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 DEFAULT_SETTINGS = ["full", "full+gc", "lora", "qlora"] + [
     f"tokentune-{ratio}{extra}" for ratio in RATIOS for extra in ("", "+lora", "+qlora", "+gc")
 ]
 DEFAULT_SETTINGS.insert(DEFAULT_SETTINGS.index("tokentune-0.3") + 1, "tokentune-0.3+two-pass")
-#: TokenTune's engines (TokenTuneConfig.engine) a setting may name; "auto" when it names none.
-ENGINES = ("single-pass", "two-pass")
-
-
-@dataclass
-class Setting:
-    """One way to train: TokenTune ratio (None: off), LoRA, 4-bit base, gradient checkpointing,
-    TokenTune's selection strategy ("+supervised", "+importance", "+gradient"; uniform by default), engine
-    ("+single-pass", "+two-pass"; "auto" by default) and dense top layers ("+dense<L>"; 0 by default).
-
-    Example:
-        >>> Setting.parse("tokentune-0.3+qlora+gc")
-        Setting(ratio=0.3, lora=True, quantized=True, checkpointing=True, selection='uniform', engine='auto', dense=0)
-        >>> Setting.parse("tokentune-0.3+two-pass").engine
-        'two-pass'
-        >>> Setting.parse("tokentune-0.1+importance").selection
-        'importance'
-        >>> Setting.parse("tokentune-0.3+lora").baseline
-        'lora'
-        >>> Setting.parse("tokentune-0.1+lora+dense2").dense, Setting.parse("tokentune-0.1+lora+dense2").without_dense
-        (2, 'tokentune-0.1+lora')
-    """
-
-    ratio: float | None = None
-    lora: bool = False
-    quantized: bool = False
-    checkpointing: bool = False
-    selection: str = "uniform"
-    engine: str = "auto"
-    dense: int = 0
-
-    @classmethod
-    def parse(cls, name: str) -> Setting:
-        head, *extras = name.split("+")
-        setting = cls()
-        if head.startswith("tokentune-"):
-            setting.ratio = float(head.removeprefix("tokentune-"))
-        elif head in ("lora", "qlora"):
-            extras.append(head)
-        elif head != "full":
-            raise ValueError(f"Unknown setting {name!r}: start with 'full', 'lora', 'qlora' or 'tokentune-<ratio>'.")
-        for extra in extras:
-            if extra in ("supervised", "importance", "gradient") and setting.ratio is not None:
-                setting.selection = extra
-                continue
-            if extra in ENGINES and setting.ratio is not None:
-                setting.engine = extra
-                continue
-            if extra.startswith("dense") and extra[5:].isdigit() and setting.ratio is not None:
-                setting.dense = int(extra[5:])
-                continue
-            if extra not in ("lora", "qlora", "gc"):
-                raise ValueError(
-                    f"Unknown part {extra!r} of setting {name!r}: use '+lora', '+qlora', '+gc', or with TokenTune "
-                    "'+supervised', '+importance', '+gradient', '+single-pass', '+two-pass' or '+dense<L>'."
-                )
-            setting.lora |= extra in ("lora", "qlora")
-            setting.quantized |= extra == "qlora"
-            setting.checkpointing |= extra == "gc"
-        return setting
-
-    @property
-    def baseline(self) -> str:
-        """The same setting without TokenTune."""
-        name = "qlora" if self.quantized else "lora" if self.lora else "full"
-        return name + ("+gc" if self.checkpointing else "")
-
-    @property
-    def without_dense(self) -> str:
-        """The same setting with TokenTune's dense top layers off."""
-        parts = [f"tokentune-{self.ratio}"] + [
-            part
-            for part, on in (
-                ("qlora", self.quantized),
-                ("lora", self.lora and not self.quantized),
-                ("gc", self.checkpointing),
-                (self.selection, self.selection != "uniform"),
-                (self.engine, self.engine != "auto"),
-            )
-            if on
-        ]
-        return "+".join(parts)
 
 
 @dataclass
@@ -168,7 +93,7 @@ def stage_model(model_name: str, staging_dir: str, num_hidden_layers: int | None
     """The folder a setting loads its model from. A named config's random weights (seed 0) are saved
     into ``staging_dir`` first, so every setting, quantized or not, loads the same weights from disk
     and no worker's peak memory includes building them."""
-    if model_name in LLAMA_SIZES:
+    if model_name in LLAMA_SHAPES:
         torch.manual_seed(0)
         config = llama_config(model_name, **({"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}))
         AutoModelForCausalLM.from_config(config).save_pretrained(staging_dir)
@@ -198,65 +123,6 @@ def build_model(model_name: str, folder: str, setting: Setting, dtype: torch.dty
     else:
         model = model.to(device)
     return set_up(model, setting, task, lora_targets=LORA_TARGETS.get(model_name, "all-linear"))
-
-
-def set_up(model, setting: Setting, task: str, lora_rank: int = 8, lora_targets: str = "all-linear"):
-    """``model`` set up for ``setting`` (gradient checkpointing, LoRA of rank ``lora_rank`` on ``lora_targets``,
-    TokenTune), in training mode.
-
-    Example:
-        >>> from transformers import AutoModelForCausalLM
-        >>> model = AutoModelForCausalLM.from_config(llama_config("llama-tiny"))
-        >>> type(set_up(model, Setting.parse("tokentune-0.3+lora"), "CAUSAL_LM").base_model).__name__
-        'TokenTuneLoraModel'
-    """
-    if setting.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    adapter = LoraConfig(r=lora_rank, target_modules=lora_targets, task_type=task) if setting.lora else None
-    if setting.ratio is not None:
-        config = TokenTuneConfig(
-            selection_ratio=setting.ratio,
-            task_type=task,
-            peft_config=adapter,
-            selection=setting.selection,
-            engine=setting.engine,
-            dense_top_layers=setting.dense,
-        )
-        model = get_peft_model(model, config)
-    elif adapter is not None:
-        model = get_peft_model(model, adapter)
-    return model.train()
-
-
-def keys_and_values_bytes(model_config, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes of every layer's keys and values for one batch (what TokenTune keeps for all tokens); a
-    vision-language model's are its language model's.
-
-    Example:
-        >>> keys_and_values_bytes(llama_config("llama-256"), 2, 512, torch.float32) // MIB
-        4
-    """
-    model_config = getattr(model_config, "text_config", model_config)
-    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    element = torch.finfo(dtype).bits // 8
-    return 2 * model_config.num_hidden_layers * batch_size * seq_len * heads * head_dim * element
-
-
-def random_batch(vocab_size: int, batch_size: int, seq_len: int, task: str, device: torch.device) -> dict:
-    """A batch of random token ids (seed 0) without padding, with labels for ``task`` (the ids themselves
-    for causal LM, one of two classes per sequence otherwise), on ``device``.
-
-    Example:
-        >>> batch = random_batch(1000, 2, 8, "CAUSAL_LM", torch.device("cpu"))
-        >>> batch["input_ids"].shape, bool(batch["attention_mask"].all()), batch["labels"] is batch["input_ids"]
-        (torch.Size([2, 8]), True, True)
-    """
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    labels = input_ids if task == "CAUSAL_LM" else torch.randint(0, 2, (batch_size,), generator=generator).to(device)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
 def image_batch(model_name: str, batch_size: int, text_tokens: int, device: torch.device) -> dict:
@@ -294,13 +160,6 @@ def sequence_length(model, batch: dict) -> int:
     return (model.config.image_size // model.config.patch_size) ** 2 + 1
 
 
-def training_step(model, batch: dict, optimizer: torch.optim.Optimizer) -> None:
-    """One training step: forward, backward, optimizer step, gradients freed."""
-    model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: int) -> Measurement:
     """Measure one setting: bytes saved for backward, process peak memory, median training-step time."""
     setting = Setting.parse(setting_name)
@@ -333,10 +192,10 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
     reset_peak_memory(device)
     times = []
     for step in range(warmup + steps):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         training_step(model, batch, optimizer)
-        _synchronize(device)
+        synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     peak = peak_memory(device)
@@ -353,41 +212,12 @@ def measure(args: BenchmarkArguments, setting_name: str, seq_len: int, steps: in
     )
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start counting peak memory from now: the training steps, not the model's loading.
-
-    On CPU, writing 5 to /proc/self/clear_refs resets the process's peak resident set (VmHWM); loading
-    a 4-bit model reads its full-precision weights first, which would otherwise set the peak.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes since :func:`reset_peak_memory`: allocated on the GPU, resident on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory needs Linux.")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class BenchmarkArguments:
     model: str = field(
         default="llama-1024",
         metadata={
-            "help": f"A named config {tuple(LLAMA_SIZES)} or image model {IMAGE_MODELS} with random "
+            "help": f"A named config {tuple(LLAMA_SHAPES)} or image model {IMAGE_MODELS} with random "
             f"weights, an offline pretrained model {tuple(PRETRAINED_TASKS)}, or a local folder."
         },
     )
@@ -454,10 +284,11 @@ def run_worker(args: BenchmarkArguments, setting: str, seq_len: int, steps: int)
         "steps": steps,
         "warmup": args.warmup,
     }
-    command = [sys.executable, os.path.abspath(__file__), "--worker"]
+    command = [sys.executable, "-m", __spec__.name, "--worker"]
     for name, value in flags.items():
         command += [f"--{name}", str(value)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # the worker imports `scripts`
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if result.returncode != 0:
         return {"setting": setting, "seq_len": seq_len, "error": result.stderr.strip().splitlines()[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -489,20 +320,18 @@ COMPARED = ("saved_activation_bytes", "peak_memory_bytes", "step_seconds")
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Add ratios to full fine-tuning; to the ideal against each row's own baseline (the same setting without
     TokenTune, :func:`ideal_bytes`); and, for rows with dense top layers, to the same setting without them."""
-    by_name = {(row["setting"], row["seq_len"]): row for row in rows if "error" not in row}
-    for row in rows:
-        full = by_name.get(("full", row["seq_len"]))
-        if "error" in row or full is None:
+    measured = measured_rows(rows)
+    for (name, seq_len), row in measured.items():
+        full = measured.get(("full", seq_len))
+        if full is None:
             continue
-        for key in COMPARED:
-            row[f"{key}_vs_full"] = row[key] / full[key]
-        setting = Setting.parse(row["setting"])
-        baseline = by_name.get((setting.baseline, row["seq_len"]))
+        add_ratios(row, full, COMPARED, "full")
+        setting = Setting.parse(name)
+        baseline = measured.get((setting.baseline, seq_len))
         if setting.ratio is not None and baseline is not None:
             row["saved_vs_ideal"] = row["saved_activation_bytes"] / ideal_bytes(row, baseline, setting.dense)
-        plain = by_name.get((setting.without_dense, row["seq_len"])) if setting.dense else None
-        for key in COMPARED if plain is not None else ():
-            row[f"{key}_vs_dense0"] = row[key] / plain[key]
+        if setting.dense:
+            add_ratios(row, measured.get((setting.without_dense, seq_len)), COMPARED, "dense0")
     return rows
 
 
@@ -510,23 +339,19 @@ def markdown_table(rows: list[dict]) -> str:
     dense = any("saved_activation_bytes_vs_dense0" in row for row in rows)
     header = "| setting | tokens | saved activations (MiB) | vs full | vs ideal | peak memory (MiB) | vs full "
     header += "| step (s) | vs full |" + (" saved vs L=0 | peak vs L=0 | step vs L=0 |" if dense else "")
-    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
-
-    def ratio(row: dict, key: str) -> str:
-        return f"{row[key]:.3f}" if key in row else "-"
-
+    lines = table_head(header)
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['setting']} | {row['seq_len']} | failed: {row['error'][:80]} |||||||")
             continue
         line = (
             f"| {row['setting']} | {row['seq_len']} | {row['saved_activation_bytes'] / MIB:.1f} "
-            f"| {ratio(row, 'saved_activation_bytes_vs_full')} | {ratio(row, 'saved_vs_ideal')} "
-            f"| {row['peak_memory_bytes'] / MIB:.0f} | {ratio(row, 'peak_memory_bytes_vs_full')} "
-            f"| {row['step_seconds']:.3f} | {ratio(row, 'step_seconds_vs_full')} |"
+            f"| {ratio_cell(row, 'saved_activation_bytes_vs_full')} | {ratio_cell(row, 'saved_vs_ideal')} "
+            f"| {row['peak_memory_bytes'] / MIB:.0f} | {ratio_cell(row, 'peak_memory_bytes_vs_full')} "
+            f"| {row['step_seconds']:.3f} | {ratio_cell(row, 'step_seconds_vs_full')} |"
         )
         if dense:
-            line += "".join(f" {ratio(row, f'{key}_vs_dense0')} |" for key in COMPARED)
+            line += "".join(f" {ratio_cell(row, f'{key}_vs_dense0')} |" for key in COMPARED)
         lines.append(line)
     return "\n".join(lines)
 
@@ -579,7 +404,7 @@ def plot(rows: list[dict], sweep: list[dict], output_dir: str, caption: str) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python scripts/benchmark.py``."""
+    """Entry point: ``python -m scripts.benchmarks.benchmark``."""
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     if args.worker:
         print(json.dumps(asdict(measure(args, args.settings[0], args.seq_len, args.steps))))

@@ -5,9 +5,9 @@ One model (random weights, seed 0) serves all three settings: the stock model fo
 set to "two-pass" or "single-pass". The settings run round-robin, so a busy machine slows them alike;
 the medians, the spread and the ratios to full fine-tuning go to a Markdown table and a JSON file.
 
-    python scripts/engine_benchmark.py --model llama-1024 --batch_size 4 --seq_len 512 --rounds 3
-    python scripts/engine_benchmark.py --model llama-256 --vocab_size 1000 --optimizer sgd --rounds 7
-    python scripts/engine_benchmark.py --model minilm --batch_size 32 --seq_len 64 --rounds 15 --profile
+    python -m scripts.benchmarks.engine_benchmark --model llama-1024 --batch_size 4 --seq_len 512 --rounds 3
+    python -m scripts.benchmarks.engine_benchmark --model llama-256 --vocab_size 1000 --optimizer sgd --rounds 7
+    python -m scripts.benchmarks.engine_benchmark --model minilm --batch_size 32 --seq_len 64 --rounds 15 --profile
 
 ``--model minilm`` is the main job's model (all-MiniLM-L6-v2, offline, with a new two-label classification
 head; dropout 0.1 as it trains), ``bert-minilm`` a BERT of its shape with random weights. ``--profile`` adds,
@@ -16,7 +16,6 @@ per setting, the operators that took the most time in one more step (``torch.pro
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -28,21 +27,20 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, LlamaForCausalLM
 
 from tokentune_peft import TokenTuneConfig
-from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
 from tokentune_peft.engine_choice import Engine
 
-from study_utils import machine_description
+from scripts.benchmarks.common import random_batch
+from scripts.benchmarks.shapes import LLAMA_SHAPES, MINILM_SIZES, llama_config
+from scripts.common import machine_description, write_report
 
 SETTINGS = ("full", "two-pass", "single-pass")
 BERT_MODELS = ("minilm", "bert-minilm")
-#: all-MiniLM-L6-v2's shape.
-MINILM_SIZES = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12)
 OPTIMIZERS = ("none", "sgd", "adamw")
 
 
 @dataclass
 class EngineBenchmarkArguments:
-    model: str = field(default="llama-1024", metadata={"help": f"One of {(*LLAMA_SIZES, *BERT_MODELS)}."})
+    model: str = field(default="llama-1024", metadata={"help": f"One of {(*LLAMA_SHAPES, *BERT_MODELS)}."})
     vocab_size: int | None = field(default=None, metadata={"help": "Override a Llama config's vocabulary size."})
     kv_heads: int | None = field(
         default=None, metadata={"help": "Override a Llama config's key/value heads (its attention heads: MHA)."}
@@ -61,8 +59,8 @@ class EngineBenchmarkArguments:
     output_dir: str = field(default="outputs/engine_benchmark", metadata={"help": "Where results go."})
 
     def __post_init__(self):
-        if self.model not in (*LLAMA_SIZES, *BERT_MODELS):
-            raise ValueError(f"`model` must be one of {(*LLAMA_SIZES, *BERT_MODELS)}; got {self.model!r}.")
+        if self.model not in (*LLAMA_SHAPES, *BERT_MODELS):
+            raise ValueError(f"`model` must be one of {(*LLAMA_SHAPES, *BERT_MODELS)}; got {self.model!r}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}; got {self.optimizer!r}.")
 
@@ -70,7 +68,7 @@ class EngineBenchmarkArguments:
 def build_model(args: EngineBenchmarkArguments) -> tuple[torch.nn.Module, str]:
     """The stock model (seed 0) in the attention TokenTune runs on, and its task type."""
     torch.manual_seed(0)
-    if args.model in LLAMA_SIZES:
+    if args.model in LLAMA_SHAPES:
         overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
         if args.kv_heads is not None:
             overrides["num_key_value_heads"] = args.kv_heads
@@ -107,10 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = stock.config
     model = get_peft_model(stock, TokenTuneConfig(selection_ratio=args.ratio, task_type=task_type)).train()
     engine = model.base_model.tokentune_engine
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
-    labels = input_ids if task_type == "CAUSAL_LM" else torch.randint(0, 2, (args.batch_size,), generator=generator)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = random_batch(config.vocab_size, args.batch_size, args.seq_len, task_type, torch.device("cpu"))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if args.optimizer != "none":
@@ -175,21 +170,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"| {min(row['vs_full_per_round']):.3f} - {max(row['vs_full_per_round']):.3f} |"
         for row in rows
     ]
-    report = "\n".join(lines)
-    print(report)
-    os.makedirs(args.output_dir, exist_ok=True)
+    report = "\n".join(lines) + "\n"
     name = f"{args.model}-v{vocabulary}" + ("" if args.kv_heads is None else f"-kv{args.kv_heads}")
     name += ("" if args.dropout is None else f"-dropout{args.dropout:g}") + (
         "" if optimizer is None else f"-{args.optimizer}"
     )
-    with open(os.path.join(args.output_dir, f"{name}.md"), "w") as handle:
-        handle.write(report + "\n")
+    results = {"arguments": asdict(args), "machine": machine, "results": rows}
+    write_report(args.output_dir, f"{name}.md", report, f"{name}.json", results)
     if args.profile:
         with open(os.path.join(args.output_dir, f"{name}-profile.md"), "w") as handle:
             handle.write("\n".join(profile_table(step, setting) for setting in SETTINGS))
-    results = {"arguments": asdict(args), "machine": machine, "results": rows}
-    with open(os.path.join(args.output_dir, f"{name}.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
     return results
 
 

@@ -1,7 +1,7 @@
 """Supervised fine-tuning through TRL's SFTTrainer with TokenTune, offline: SmolLM2-135M-Instruct on
 chatterbot-corpus prompt/answer pairs (chat template, loss on the answers only), LoRA + TokenTune.
 
-    python scripts/sft_trl.py --train_samples 256 --selection_ratio 0.3 --output_dir outputs/sft_trl
+    python -m scripts.studies.sft_trl --train_samples 256 --selection_ratio 0.3 --output_dir outputs/sft_trl
 
 It prints the held-out answer loss before and after training, and the activation memory of one step
 (bytes autograd keeps for backward, TRL's fused LM head included) against LoRA without TokenTune on

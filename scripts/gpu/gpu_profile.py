@@ -5,7 +5,7 @@ peak of the steps and each step's time; for the settings named in ``--profile``,
 tables (self CPU and self CUDA time) and cProfile's top Python functions of one step. It found why the
 single pass is slow on a GPU (docs/benchmarks.md, *GPU benchmark*).
 
-    PYTHONPATH=src python scripts/gpu_profile.py --settings lora tokentune-0.3+lora+single-pass \\
+    PYTHONPATH=src python -m scripts.gpu.gpu_profile --settings lora tokentune-0.3+lora+single-pass \\
         tokentune-0.3+lora+two-pass --profile tokentune-0.3+lora+single-pass
 
 ``--device cpu --model llama-tiny --dtype float32`` runs it on a CPU (no memory figures).
@@ -25,10 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from tokentune_peft import saved_activation_bytes
 
-from benchmark import random_batch, training_step
-from gpu_benchmark import GpuBenchmarkArguments, build_model, free_memory, time_steps
-
-GIB = 2**30
+from scripts.benchmarks.common import random_batch, training_step
+from scripts.gpu.gpu_benchmark import GIB, GpuBenchmarkArguments, build_model, free_memory, time_steps
 
 
 def memory(device: torch.device, counter=torch.cuda.memory_allocated) -> str:
@@ -73,7 +71,7 @@ def run_setting(
     model = build_model(bench, name, device, staging_dir)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batch = random_batch(model.config.vocab_size, 1, seq_len, "CAUSAL_LM", device)
-    if meter:  # as gpu_benchmark.py measures: a saved-activations forward before the steps
+    if meter:  # as gpu_benchmark measures: a saved-activations forward before the steps
         saved = saved_activation_bytes(model, lambda: model(**batch))
         print(f"saved {saved / GIB:.2f} GiB; held after the metered forward {memory(device)}", flush=True)
     if device.type == "cuda":
@@ -90,7 +88,7 @@ def run_setting(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python scripts/gpu_profile.py``."""
+    """Entry point: ``python -m scripts.gpu.gpu_profile``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-3.2-1b")
     parser.add_argument("--settings", nargs="+", default=["lora", "tokentune-0.3+lora"], help="As gpu_benchmark's.")

@@ -25,8 +25,8 @@ validation metric is then run with the other seeds. Every finished run is writte
 ``<output_dir>/runs/`` and skipped when the study is run again, so a study cut short (``max_minutes``)
 resumes where it stopped; the report is written from the runs that exist and lists those still missing.
 
-    python scripts/quality.py --max_minutes 60       # resumable; writes docs/quality.md and docs/quality/
-    python scripts/quality.py --quick --output_dir /tmp/quality --report_path /tmp/quality.md
+    python -m scripts.studies.quality --max_minutes 60       # resumable; writes docs/quality.md and docs/quality/
+    python -m scripts.studies.quality --quick --output_dir /tmp/quality --report_path /tmp/quality.md
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import gc
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,9 +43,10 @@ from trl import SFTConfig
 
 from tokentune_peft.cli.offline import load_chatterbot_pairs
 
-from quality_report import write_study_report
-from sft_trl import SFTStudyArguments, activation_mib, build_trainer, conversations
-from study_utils import CONFIG_DIR, LearningCurve, run_setting
+from scripts.common import CONFIG_DIR, command_line, run_setting
+from scripts.studies.common import LearningCurve
+from scripts.studies.quality_report import write_study_report
+from scripts.studies.sft_trl import SFTStudyArguments, activation_mib, build_trainer, conversations
 
 
 @dataclass(frozen=True)
@@ -389,21 +389,21 @@ class Study:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``scripts/quality.py``."""
+    """Entry point of ``python -m scripts.studies.quality``."""
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
     study = Study(args)
     chosen: dict[str, dict[str, float]] = {}
     for part, settings in PARTS.items():
         if part in args.parts:
             chosen[part] = study.run_part(part, chosen.get(settings.rates_from, {}))
-    command = "python scripts/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__spec__.name, argv)
     write_study_report(
         args.report_path,
         args.output_dir,
         list(study.runs.values()),
         chosen,
         study.missing,
-        {"command": command.strip(), "arguments": asdict(args)},
+        {"command": command, "arguments": asdict(args)},
     )
 
 

@@ -1,6 +1,6 @@
 """Selection study: uniform, supervised, importance- and gradient-guided token selection at equal k.
 
-On the quality script's two tasks (`scripts/quality.py`), through ``tokentune-train``'s own
+On the quality study's two tasks (:mod:`scripts.studies.quality`), through ``tokentune-train``'s own
 code:
 
 * classification, MiniLM-L6 on Rotten Tomatoes, every weight trained: full fine-tuning, then each
@@ -13,14 +13,13 @@ code:
 
 It writes ``selection.md``, ``results.json`` and ``selection.png`` into ``output_dir``.
 
-    python scripts/selection_study.py --output_dir docs/selection
+    python -m scripts.studies.selection_study --output_dir docs/selection
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -33,7 +32,8 @@ from tokentune_peft.cli.train import load_datasets, load_model_and_tokenizer, ma
 from tokentune_peft.config import DEFAULT_UNIFORM_SHARE
 from tokentune_peft.selection.labels import IGNORE_INDEX, selected_targets
 
-from study_utils import CONFIG_DIR, FULL_LR, machine_description, run_setting, write_report
+from scripts.common import CONFIG_DIR, command_line, machine_description, run_setting, write_report
+from scripts.studies.common import FULL_LR, mean_std
 
 STRATEGIES = ("uniform", "supervised", "importance", "gradient")
 #: Strategies that differ on each task (SEQ_CLS: "supervised" is "uniform", "gradient" is "importance").
@@ -145,21 +145,17 @@ def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: floa
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarise(task: str, runs: list[dict], args: SelectionStudyArguments, timings: dict) -> list[dict]:
     """One row per setting: metric mean and spread, share of the uniform-to-baseline gap closed, timing."""
     metric = "test_accuracy" if task == "classification" else "test_loss"
     by_setting: dict[str, list[dict]] = {}
     for run in runs:
         by_setting.setdefault(run["setting"], []).append(run)
-    baseline = _mean_std([r["results"]["after"][metric] for r in by_setting["baseline"]])[0]
+    baseline = mean_std([r["results"]["after"][metric] for r in by_setting["baseline"]])[0]
     rows = []
     for name, mine in by_setting.items():
         values = [r["results"]["after"][metric] for r in mine]
-        mean, std = _mean_std(values)
+        mean, std = mean_std(values)
         row = {
             "setting": name,
             "mean": mean,
@@ -250,13 +246,13 @@ def write_timing_report(args: SelectionStudyArguments, argv: list[str] | None) -
                     f"| {task} | {ratio} | {strategy} | {step['seconds']:.3f} | {100 * overhead:+.1f}% "
                     f"| {100 * step['labelled_share']:.0f}% |"
                 )
-    command = "python scripts/selection_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__spec__.name, argv)
     machine = machine_description("cpu")
     minutes = (time.perf_counter() - start) / 60
     header = [
         "# Step time of the selection strategies",
         "",
-        f"Command: `{command.strip()}`. Machine: {machine}. Total time: {minutes:.1f} minutes. Median of "
+        f"Command: `{command}`. Machine: {machine}. Total time: {minutes:.1f} minutes. Median of "
         f"{args.timing_rounds} interleaved rounds of one training forward + backward on one batch.",
         "",
     ]
@@ -265,7 +261,7 @@ def write_timing_report(args: SelectionStudyArguments, argv: list[str] | None) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``scripts/selection_study.py``."""
+    """Entry point of ``python -m scripts.studies.selection_study``."""
     (args,) = HfArgumentParser(SelectionStudyArguments).parse_args_into_dataclasses(args=argv)
     start = time.perf_counter()
     unknown = sorted(set(args.tasks) - set(CONFIGS))
@@ -283,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_description("cpu")
     os.makedirs(args.output_dir, exist_ok=True)
     plot(results, args.ratios, os.path.join(args.output_dir, "selection.png"), machine)
-    command = "python scripts/selection_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__spec__.name, argv)
     headings = {
         "classification": f"## Classification: MiniLM-L6 on Rotten Tomatoes, all weights "
         f"({args.classification_train_samples} reviews, one epoch; seeds {args.seeds}); baseline: full fine-tuning",
@@ -291,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         f"seeds {args.sft_seeds}); baseline: LoRA on every token",
     }
     lines = ["# Token selection strategies at equal k", ""]
-    lines.append(f"Command: `{command.strip()}`. Machine: {machine}. Total time: {minutes:.1f} minutes.")
+    lines.append(f"Command: `{command}`. Machine: {machine}. Total time: {minutes:.1f} minutes.")
     for task in args.tasks:
         lines += ["", headings[task], "", tables[task]]
     report = "\n".join(lines + ["", "![strategies](selection.png)", ""])

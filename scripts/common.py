@@ -1,21 +1,22 @@
-"""What the studies in scripts/ share: where the recipes are, the machine they ran on, one recipe run,
-a learning curve, and writing a report with its data."""
+"""What the benchmarks and studies share: where the checkout and its recipes are, the machine a report ran on,
+the command that wrote it, one recipe run, and writing a report with its data."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 import transformers
 from transformers import TrainerCallback
 
+#: The checkout these scripts run from: ``python -m scripts.<folder>.<name>`` needs it on the path.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The recipes of this checkout.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-#: Classification learning rates: the recipe's for all weights, a higher one for LoRA.
-FULL_LR, LORA_LR = "1e-4", "1e-3"
+CONFIG_DIR = os.path.join(ROOT, "configs")
 
 
 def machine_description(device: str = "cpu") -> str:
@@ -31,40 +32,19 @@ def machine_description(device: str = "cpu") -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, {versions}"
 
 
-class LearningCurve(TrainerCallback):
-    """Records every evaluation during training against the optimizer step and the training seconds so far
-    (time inside optimizer steps only: evaluation, logging and saving are left out), and evaluates after
-    the last step too. Evaluations with another ``metric_key_prefix`` (a test split after training) are
-    not recorded.
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran ``module`` with ``argv`` (this process's own arguments when None), for a report.
 
     Example:
-        >>> curve = LearningCurve()
-        >>> curve.points
-        []
+        >>> command_line("scripts.studies.quality", ["--quick"])
+        'python -m scripts.studies.quality --quick'
     """
-
-    def __init__(self) -> None:
-        self.points: list[dict] = []
-        self.train_seconds = 0.0
-        self._step_start: float | None = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.train_seconds += time.perf_counter() - self._step_start
-        if state.global_step == state.max_steps:
-            control.should_evaluate = True
-        return control
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if "eval_runtime" in metrics:  # TRL adds `eval_`-named keys to every evaluation: test by the runtime's
-            self.points.append({"step": state.global_step, "train_seconds": self.train_seconds, **metrics})
+    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def run_setting(name: str, seed: int, config: str, overrides: list[str], curve: TrainerCallback | None = None) -> dict:
     """Train one recipe with overrides through ``tokentune-train``'s code; its results and wall time. ``curve``
-    (a :class:`LearningCurve`, or any callback) watches the training."""
+    (a :class:`scripts.studies.common.LearningCurve`, or any callback) watches the training."""
     # Imported here: the recipes need `datasets`, which the benchmarks importing this module do not (the GPU
     # machine has none).
     from tokentune_peft.cli.recipes import parse_recipe

@@ -1,4 +1,4 @@
-"""The quality study's report (``scripts/quality.py``): tables, targets and learning-curve plots drawn from
+"""The quality study's report (:mod:`scripts.studies.quality`): tables, targets and learning-curve plots drawn from
 its runs, whatever subset of them exists.
 
 Each run is a dict with ``part``, ``method``, ``learning_rate``, ``seed``, ``curve`` (validation points
@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 
 from tokentune_peft.cli.plots import new_figure, save_figure
 
-from study_utils import machine_description
+from scripts.common import machine_description
+from scripts.studies.common import mean_std
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,6 @@ VIEWS["convergence"] = replace(
 )
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def chosen_runs(runs: list[dict], part: str, chosen: dict[str, float]) -> dict[str, list[dict]]:
     """Each method's runs at its chosen learning rate, in the study's order."""
     return {
@@ -156,7 +153,7 @@ def summary_rows(by_method: dict[str, list[dict]], view: PartView) -> list[dict]
     for method, runs in by_method.items():
         if not runs:
             continue
-        test_mean, test_std = _mean_std([r["test"][view.test_key] for r in runs])
+        test_mean, test_std = mean_std([r["test"][view.test_key] for r in runs])
         rows.append(
             {
                 "method": method,

@@ -2,10 +2,10 @@
 # Everything a lent GPU machine runs, in one call of about 4 to 8 minutes: the CUDA tests, the benchmark on the
 # Llama-3.2-1B shape (2,048 and 8,192 tokens), and full fine-tuning, LoRA, QLoRA and each with TokenTune on the
 # paper's Llama-2-7B shape (2,048 tokens). Results go to $OUT (default outputs/gpu_run); PARTS picks some of
-# "tests 1b 7b" (default all).
+# "tests 1b 7b" (default all). Run it from the repository root:
 #
-#     bash scripts/gpu_run.sh
-#     PARTS="tests 7b" bash scripts/gpu_run.sh
+#     bash scripts/gpu/gpu_run.sh
+#     PARTS="tests 7b" bash scripts/gpu/gpu_run.sh
 #
 # Wheels in .whl/ (transformers, peft and their needs at the versions CI uses, liger-kernel, bitsandbytes for
 # the 4-bit settings) are installed first when present, because the machine's own transformers may be older than
@@ -27,6 +27,7 @@
 #         && sed -i -E '/libbitsandbytes_(cuda1[12]|rocm|xpu)/d' bitsandbytes-*.dist-info/RECORD \
 #         && zip -q -r "$whl/$(basename ../bitsandbytes-*.whl)" .
 set -uo pipefail
+cd "$(dirname "$0")/../.."  # the repository root: `python3 -m scripts.gpu...` and .whl/ are found from there
 OUT=${OUT:-outputs/gpu_run}
 PARTS=${PARTS:-tests 1b 7b}
 mkdir -p "$OUT"
@@ -41,11 +42,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 
 [[ " $PARTS " == *" tests "* ]] \
     && timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
-cd scripts
-[[ " $PARTS " == *" 1b "* ]] && timeout 200 python3 gpu_benchmark.py --output_dir "$OUT/llama-3.2-1b" \
+[[ " $PARTS " == *" 1b "* ]] && timeout 200 python3 -m scripts.gpu.gpu_benchmark --output_dir "$OUT/llama-3.2-1b" \
     --time_budget_s 150 2>&1 | tee "$OUT/benchmark_1b.log"
 # The 4-bit settings load the model's random weights from a folder written once (about 13 GB, 1 to 2 minutes).
-[[ " $PARTS " == *" 7b "* ]] && timeout 330 python3 gpu_benchmark.py --model llama-2-7b --seq_lens 2048 \
+[[ " $PARTS " == *" 7b "* ]] && timeout 330 python3 -m scripts.gpu.gpu_benchmark --model llama-2-7b --seq_lens 2048 \
     --time_budget_s 240 --output_dir "$OUT/llama-2-7b" --settings full qlora tokentune-0.3+qlora tokentune-0.1+qlora \
     lora tokentune-0.3+lora tokentune-0.1+lora lora+gc tokentune-0.3 2>&1 | tee "$OUT/benchmark_7b.log"
 exit 0

@@ -9,7 +9,7 @@ parser of recipes reads this Trainer field as a boolean, so ``non_padding`` cann
 ``--warmup_steps`` of each run are left out. Evaluation, saving and the activation probe after training are
 outside the timed steps.
 
-    python scripts/trainer_benchmark.py --config configs/minilm_rotten_tomatoes_tokentune.yaml \
+    python -m scripts.benchmarks.trainer_benchmark --config configs/minilm_rotten_tomatoes_tokentune.yaml \
         --steps 40 --rounds 3 --output_dir docs/benchmarks/trainer
 """
 
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import HfArgumentParser, TrainerCallback
 
-from study_utils import CONFIG_DIR, machine_description, run_setting, write_report
+from scripts.common import CONFIG_DIR, machine_description, run_setting, write_report
 
 
 @dataclass

@@ -10,7 +10,7 @@ time (forward, backward and AdamW step, timed by CUDA events after warm-up steps
 fine-tuning, LoRA and QLoRA at the same length, and writes a Markdown table and JSON. Settings left when
 ``--time_budget_s`` is spent are skipped with a note.
 
-    PYTHONPATH=src python scripts/gpu_benchmark.py --output_dir docs/benchmarks/gpu
+    PYTHONPATH=src python -m scripts.gpu.gpu_benchmark --output_dir docs/benchmarks/gpu
 
 ``--device cpu --smoke`` is the seconds-long version on a tiny config (wall-clock times, peak resident set)
 that the tests run.
@@ -32,20 +32,24 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, HfArgumentParser
 
 from tokentune_peft import saved_activation_bytes
-from tokentune_peft.cli.model_configs import LLAMA_SIZES, llama_config
 from tokentune_peft.memory import MIB
 
-from benchmark import (
+from scripts.benchmarks.common import (
     DTYPES,
     Setting,
+    add_ratios,
     keys_and_values_bytes,
+    measured_rows,
     peak_memory,
     random_batch,
+    ratio_cell,
     reset_peak_memory,
     set_up,
+    table_head,
     training_step,
 )
-from study_utils import machine_description, write_report
+from scripts.benchmarks.shapes import LLAMA_SHAPES, llama_config
+from scripts.common import machine_description, write_report
 
 GIB = 2**30
 #: The suffix of a setting that computes the causal-LM loss with Liger-Kernel's fused linear cross-entropy.
@@ -93,7 +97,7 @@ COMPARED = ("peak_memory_bytes", "step_seconds", "saved_activation_bytes")
 
 @dataclass
 class GpuBenchmarkArguments:
-    model: str = field(default="llama-3.2-1b", metadata={"help": f"A named config, one of {tuple(LLAMA_SIZES)}."})
+    model: str = field(default="llama-3.2-1b", metadata={"help": f"A named config, one of {tuple(LLAMA_SHAPES)}."})
     settings: list[str] = field(
         default_factory=lambda: list(DEFAULT_SETTINGS),
         metadata={
@@ -131,7 +135,8 @@ class GpuBenchmarkArguments:
 
 
 def parse_setting(name: str) -> tuple[Setting, bool]:
-    """A setting's name as the CPU benchmark's :class:`~benchmark.Setting`, and whether it uses Liger-Kernel.
+    """A setting's name as the benchmarks' :class:`~scripts.benchmarks.common.Setting`, and whether it uses
+    Liger-Kernel.
 
     Example:
         >>> setting, liger = parse_setting("tokentune-0.3+lora+liger")
@@ -314,13 +319,10 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         >>> rows[1]["step_seconds_vs_full"], "step_seconds_vs_lora" in rows[1]
         (0.5, False)
     """
-    measured = {(row["setting"], row["seq_len"]): row for row in rows if "step_seconds" in row}
-    for row in measured.values():
+    measured = measured_rows(rows)
+    for (_, seq_len), row in measured.items():
         for baseline in BASELINES:
-            reference = measured.get((baseline, row["seq_len"]))
-            for key in COMPARED if reference else ():
-                if key in row:
-                    row[f"{key}_vs_{baseline}"] = row[key] / reference[key]
+            add_ratios(row, measured.get((baseline, seq_len)), COMPARED, baseline)
     return rows
 
 
@@ -328,10 +330,10 @@ def markdown_table(rows: list[dict]) -> str:
     vs = " | ".join(f"vs {label}" for label in BASELINES.values())
     header = f"| setting | tokens | peak (GiB) | {vs} | step (ms) | {vs} | saved activations (MiB) | vs full |"
     columns = header.count("|") - 1
-    lines = [header, "|---|" + "---:|" * (columns - 1)]
+    lines = table_head(header)
 
     def ratios(row: dict, key: str, baselines=tuple(BASELINES)) -> str:
-        return " | ".join(f"{row[f'{key}_vs_{b}']:.3f}" if f"{key}_vs_{b}" in row else "-" for b in baselines)
+        return " | ".join(ratio_cell(row, f"{key}_vs_{baseline}") for baseline in baselines)
 
     for row in rows:
         if "step_seconds" not in row:
@@ -364,7 +366,7 @@ def describe(args: GpuBenchmarkArguments, machine: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python scripts/gpu_benchmark.py``."""
+    """Entry point: ``python -m scripts.gpu.gpu_benchmark``."""
     (args,) = HfArgumentParser(GpuBenchmarkArguments).parse_args_into_dataclasses(args=argv)
     rows, notes = run_all(args)
     machine = machine_description(torch.device(args.device).type)

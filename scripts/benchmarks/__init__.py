@@ -1,0 +1,1 @@
+"""Memory and speed benchmarks: ``python -m scripts.benchmarks.<name>`` from the repository root."""
