@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from scripts.common import ROOT
+from scripts.gpu import longest_context
 from scripts.gpu.gpu_benchmark import SMOKE_SETTINGS, main
 
 #: Installed here, absent on the GPU machine.
@@ -117,3 +118,12 @@ def test_profile_script_times_and_profiles_each_setting_on_the_cpu(capsys):
     assert printed.count("step ms [") == 2 and printed.count("held after free") == 2
     assert "Self CPU time total" in printed and "single_pass.py" not in printed  # two passes, as asked
     assert "engine.py" in printed  # cProfile's table reaches the engine
+
+
+def test_the_longest_context_search_runs_each_setting_in_its_own_process_up_to_its_limit(tmp_path):
+    """On the CPU there is no cap: every setting trains up to the smoke run's longest length."""
+    longest_context.main(["--device", "cpu", "--smoke", "--output_dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [row["setting"] for row in rows] == ["lora+gc", "tokentune-0.3+lora+gc", "tokentune-0.1+lora+gc"]
+    assert all(row["longest_seq_len"] == 256 and row["first_refused_seq_len"] is None for row in rows), rows
+    assert "| tokentune-0.3+lora+gc | 256 | None |" in (tmp_path / "results.md").read_text()
