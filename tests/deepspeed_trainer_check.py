@@ -68,16 +68,41 @@ def train(lora: bool, stage: int | None, engine: str = "auto", dense: int = 0) -
     }
 
 
+def train_vision_language(stage: int | None) -> dict:
+    """A tiny Llava with LoRA on every linear layer (vision tower included): the step merges the image features
+    into the language model's sequence with autograd, skipping the language model, under DeepSpeed's hooks."""
+    from test_multimodal import build_vlm, conversation_batch, wrap_vlm
+
+    unset_hf_deepspeed_config()
+    model = wrap_vlm(build_vlm("llava"), lora=True)
+    rows = []
+    for seed in range(6):
+        batch = conversation_batch("llava", seed=seed)
+        rows += [{key: value[row] for key, value in batch.items()} for row in range(2)]
+    settings = {"use_cpu": True} if stage is None else deepspeed_settings(stage)
+    data, args = three_steps_on_two_ranks(None, tempfile.mkdtemp(), data=rows, remove_unused_columns=False, **settings)
+    trainer = TokenTuneTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return {
+        "wrapped_as": type(trainer.model_wrapped).__name__,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "engine_used": trainer.tokentune_engine.engine_used,
+        "partitioned": next(trainer.model.parameters()).numel() == 0,
+    }
+
+
 def main() -> None:
     torch.set_num_threads(1)
     results = {}
     methods = (("alone", False, 0), ("lora", True, 0), ("dense", True, 1))  # dense: LoRA + one dense top layer
     for method, lora, dense in methods:  # DDP first: a DeepSpeed run leaves the process set up for DeepSpeed
         results[f"{method}-ddp"] = train(lora, None, dense=dense)
+    results["vision-language-ddp"] = train_vision_language(None)
     for stage in (2, 3):
         for method, lora, dense in methods:
             results[f"{method}-zero{stage}"] = train(lora, stage, dense=dense)
     results["alone-zero3-two-pass"] = train(False, 3, engine="two-pass")
+    results["vision-language-zero3"] = train_vision_language(3)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as handle:
             json.dump(results, handle, indent=1)

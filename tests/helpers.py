@@ -318,13 +318,16 @@ def leave_without_teardown() -> None:
     os._exit(0)
 
 
-def three_steps_on_two_ranks(base, output_dir: str, **settings) -> tuple[list[dict], TrainingArguments]:
-    """The multi-process trainer checks' data (12 rows: 3 steps of 2 rows on each of 2 ranks) and arguments
-    (3 logged steps, nothing saved); ``settings`` add to the arguments (``use_cpu``, DeepSpeed)."""
-    data = []
-    for seed in range(6):
-        batch = make_batch(base, "CAUSAL_LM", seed=seed)
-        data += [{key: value[row] for key, value in batch.items()} for row in range(2)]
+def three_steps_on_two_ranks(
+    base, output_dir: str, data: list[dict] | None = None, **settings
+) -> tuple[list[dict], TrainingArguments]:
+    """The multi-process trainer checks' data (12 rows: 3 steps of 2 rows on each of 2 ranks; ``data`` when given)
+    and arguments (3 logged steps, nothing saved); ``settings`` add to the arguments (``use_cpu``, DeepSpeed)."""
+    if data is None:
+        data = []
+        for seed in range(6):
+            batch = make_batch(base, "CAUSAL_LM", seed=seed)
+            data += [{key: value[row] for key, value in batch.items()} for row in range(2)]
     args = TrainingArguments(
         output_dir,
         report_to=[],
