@@ -62,11 +62,10 @@ def activation_mib(trainer: SFTTrainer) -> dict[str, float | None]:
     batch = {key: value for key, value in batch.items() if torch.is_tensor(value)}
     tokentune = None
     if isinstance(trainer, TokenTuneSFTTrainer):
+        # As the trainer calls the model: its generator, and a loss count over the selected tokens.
+        options = {"selection_generator": trainer.selection_generator, "loss_counted_over_selection": True}
         tokentune = saved_activation_bytes(
-            model,
-            lambda: model(
-                **batch, fused_lm_head=True, selection_generator=trainer.selection_generator, use_cache=False
-            ).loss,
+            model, lambda: model(**batch, **options, fused_lm_head=True, use_cache=False).loss
         )
     lora_model = model.base_model.model  # the transformers model with its LoRA layers, called without TokenTune
     plain = {key: value for key, value in batch.items() if key != "selected_positions"}
