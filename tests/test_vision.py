@@ -73,7 +73,7 @@ def test_ratio_one_equals_the_stock_model(arch, lora):
 @pytest.mark.parametrize("dense_top_layers", [0, 1])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("arch", VISION)
-def test_gradient_matches_naive_definition(arch, lora, dense_top_layers, attention_path):
+def test_gradient_matches_naive_definition(arch, lora, dense_top_layers):
     model = wrap_vision(build_vision(arch), lora, dense_top_layers=dense_top_layers)
     selected = torch.tensor([[0, 3, 4, 9, 16], [0, 1, 7, 12, -1]])  # the class token and some patches
 
