@@ -107,6 +107,19 @@ def assert_close(actual, expected, tolerance):
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=tolerance, rtol=tolerance)
 
 
+def assert_matches_reference(positions, block, allowed, query, key, value, grad_out) -> None:
+    """The kernel (blocks of 4 queries and 8 keys) against the dense reference: output and every gradient, 1e-5."""
+    expected, expected_grads = output_and_grads(
+        lambda q, k, v: reference_attention(q, k, v, allowed), query, key, value, grad_out
+    )
+    out, grads = output_and_grads(
+        lambda q, k, v: blockwise_attention(q, k, v, positions, block, None, 4, 8), query, key, value, grad_out
+    )
+    assert_close(out, expected, 1e-5)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert_close(grad, expected_grad, 1e-5)
+
+
 @pytest.mark.parametrize("name", [name for name in MASKS if name != "no_mask"])
 def test_mask_block_from_function_gives_the_rows_of_transformers_sdpa_mask(name):
     positions = query_positions()
@@ -159,19 +172,7 @@ def test_transposed_inputs_as_a_model_passes_them():
     assert not query.is_contiguous() and not key.is_contiguous()
     assert not query.clone().is_contiguous()  # output_and_grads' leaves keep the layout
     allowed = dense_allowed("causal", positions)
-    expected, expected_grads = output_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, allowed), query, key, value, grad_out
-    )
-    out, grads = output_and_grads(
-        lambda q, k, v: blockwise_attention(q, k, v, positions, mask_block("causal"), None, 4, 8),
-        query,
-        key,
-        value,
-        grad_out,
-    )
-    assert_close(out, expected, 1e-5)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        assert_close(grad, expected_grad, 1e-5)
+    assert_matches_reference(positions, mask_block("causal"), allowed, query, key, value, grad_out)
 
 
 def test_query_with_no_allowed_key_gets_zero_output_and_zero_gradient():
@@ -228,15 +229,7 @@ def test_mask_with_one_row_per_query_head():
         block = causal_mask_function(None, None, positions_block[:, None, :, None], torch.arange(start, end))
         return block & (torch.arange(start, end) % torch.arange(2, 6)[:, None, None] != 0)
 
-    expected, expected_grads = output_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, per_head), query, key, value, grad_out
-    )
-    out, grads = output_and_grads(
-        lambda q, k, v: blockwise_attention(q, k, v, positions, heads_mask, None, 4, 8), query, key, value, grad_out
-    )
-    assert_close(out, expected, 1e-5)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        assert_close(grad, expected_grad, 1e-5)
+    assert_matches_reference(positions, heads_mask, per_head, query, key, value, grad_out)
 
 
 @pytest.mark.parametrize("requires_grad", [(True, False, False), (False, True, False), (False, False, True)])
