@@ -19,6 +19,7 @@ from transformers.masking_utils import (
     sliding_window_overlay,
 )
 
+from tokentune_peft import blockwise_attention as blockwise_attention_module
 from tokentune_peft.blockwise_attention import blockwise_attention, mask_block_from_function
 
 BATCH, SEQ_LEN, DIM = 2, 37, 8
@@ -130,9 +131,18 @@ def test_mask_block_from_function_gives_the_rows_of_transformers_sdpa_mask(name)
         assert torch.equal(block.expand(BATCH, 1, -1, -1), allowed[..., start:end])
 
 
+@pytest.fixture(params=["reads-masks", "computes-every-block"])
+def block_masks(request, monkeypatch):
+    """The kernel as on the CPU (it reads each block's mask on the host and skips hidden blocks), and as on an
+    accelerator (every block computed under its mask, nothing read)."""
+    if request.param == "computes-every-block":
+        monkeypatch.setattr(blockwise_attention_module, "reads_block_masks", lambda device: False)
+    return request.param
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("name", list(MASKS))
-def test_output_and_gradients_match_dense_masked_attention(name, heads, kv_heads):
+def test_output_and_gradients_match_dense_masked_attention(name, heads, kv_heads, block_masks):
     positions = query_positions()
     query, key, value, grad_out = inputs(heads, kv_heads)
     allowed = dense_allowed(name, positions)
@@ -175,7 +185,7 @@ def test_transposed_inputs_as_a_model_passes_them():
     assert_matches_reference(positions, mask_block("causal"), allowed, query, key, value, grad_out)
 
 
-def test_query_with_no_allowed_key_gets_zero_output_and_zero_gradient():
+def test_query_with_no_allowed_key_gets_zero_output_and_zero_gradient(block_masks):
     # Batch row 1 is left-padded over positions 0-5: its queries at 0 and 4 and its padded slot (dummy 0) see no key.
     positions = torch.tensor([[2, 9, 20, 36, 0], [0, 4, 6, 30, 0]])
     query, key, value, grad_out = inputs(num_queries=5)

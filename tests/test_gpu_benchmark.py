@@ -8,17 +8,24 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from scripts.common import ROOT
 from scripts.gpu import longest_context
-from scripts.gpu.gpu_benchmark import SMOKE_SETTINGS, main
+from scripts.gpu.gpu_benchmark import (
+    SMOKE_SETTINGS,
+    GpuBenchmarkArguments,
+    main,
+    run_setting,
+    run_setting_in_own_process,
+)
 
 #: Installed here, absent on the GPU machine.
 ABSENT_ON_GPU_MACHINE = ("bitsandbytes", "datasets", "trl", "liger_kernel")
 
 
 def run_smoke(output_dir, *flags: str) -> tuple[dict, str]:
-    main(["--device", "cpu", "--smoke", "--output_dir", str(output_dir), *flags])
+    main(["--device", "cpu", "--smoke", "--own_process", "false", "--output_dir", str(output_dir), *flags])
     return json.loads((output_dir / "results.json").read_text()), (output_dir / "results.md").read_text()
 
 
@@ -34,9 +41,10 @@ def test_smoke_run_writes_table_and_json_and_tokentune_saves_activations(tmp_pat
         assert row["saved_activation_bytes"] > 0 and row["keys_values_bytes"] > 0
     saved = {name: row["saved_activation_bytes_vs_full"] for name, row in measured.items()}
     assert saved["full"] == 1.0
-    assert saved["tokentune-0.3"] < 0.6
+    assert saved["tokentune-0.3+single-pass"] < 0.6 and saved["tokentune-0.3+two-pass"] < 0.6
+    assert saved["tokentune-0.3+compile"] == pytest.approx(saved["tokentune-0.3+single-pass"], rel=0.05)  # auto: single
     assert measured["tokentune-0.3+lora+gc"]["saved_activation_bytes_vs_lora"] < 0.5
-    assert saved["tokentune-0.3"] < saved["tokentune-0.3+dense1"] < 1.0  # one of llama-tiny's two layers is dense
+    assert saved["tokentune-0.3+two-pass"] < saved["tokentune-0.3+dense1"] < 1.0  # 1 of 2 layers dense
     assert measured["lora"]["step_seconds_vs_lora"] == 1.0
     assert measured["qlora"]["step_seconds_vs_qlora"] == 1.0
     # A 4-bit base's weights are a fraction of LoRA's; TokenTune saves the same share of activations on either.
@@ -50,7 +58,17 @@ def test_smoke_run_writes_table_and_json_and_tokentune_saves_activations(tmp_pat
     table_rows = [line for line in lines if line.startswith("| ") and line != header]
     assert [line.split(" | ")[0].removeprefix("| ") for line in table_rows] == SMOKE_SETTINGS
     assert all(line.count("|") == header.count("|") for line in table_rows)
-    assert "| tokentune-0.3 | 64 |" in table and "skipped: Liger-Kernel needs a CUDA device" in table
+    assert "| tokentune-0.3+single-pass | 64 |" in table and "skipped: Liger-Kernel needs a CUDA device" in table
+    assert "All settings in one process." in table
+
+
+def test_a_setting_in_its_own_process_gives_the_rows_it_gives_in_this_one(tmp_path):
+    args = GpuBenchmarkArguments(device="cpu", smoke=True, output_dir=str(tmp_path))
+    rows = run_setting_in_own_process(args, "tokentune-0.3+two-pass", torch.device("cpu"), str(tmp_path))
+    here = run_setting(args, "tokentune-0.3+two-pass", torch.device("cpu"), str(tmp_path))
+    assert [row["seq_len"] for row in rows] == [64] and "error" not in rows[0]
+    assert rows[0]["saved_activation_bytes"] == here[0]["saved_activation_bytes"]
+    assert rows[0]["peak_memory_bytes"] > 0
 
 
 def test_settings_left_when_the_time_budget_is_spent_are_skipped_with_a_note(tmp_path):

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from tokentune_peft import TokenTuneConfig
 from tokentune_peft.engine_choice import Engine
-from tokentune_peft.single_pass import SinglePassStep, SinglePassUnsupported, complement_positions
+from tokentune_peft.single_pass import SinglePassStep, SinglePassUnsupported
 
 from helpers import (
     assert_same_grads,
@@ -310,14 +310,6 @@ def test_an_error_in_the_grad_group_releases_the_no_grad_group():
     with pytest.raises(KeyError, match="head"):
         model(**make_batch(model, "CAUSAL_LM"))
     assert len(other_threads()) == threads
-
-
-def test_complement_positions_cover_every_position_once():
-    selected = torch.tensor([[0, 5, 7, -1], [1, 2, 3, 4]])
-    rest = complement_positions(selected, 8)
-    for row in range(2):
-        kept = [p for p in selected[row].tolist() + rest[row].tolist() if p >= 0]
-        assert sorted(kept) == list(range(8))
 
 
 def test_autocast_reaches_the_no_grad_group():

@@ -1,9 +1,11 @@
 """Benchmark TokenTune on a GPU: a Llama-3.2-1B-shaped model against full fine-tuning and LoRA.
 
-All settings run in one process, in a fixed order. Each setting's model is built once (random weights,
-seed 0, straight on the device; a ``+qlora`` setting's are saved once to a temporary folder and loaded
-with the decoder's linear layers in 4-bit NF4 by bitsandbytes), measured at every sequence length, then
-freed. At each length it reports the bytes saved for backward (one training forward,
+Settings run in a fixed order, each in a process of its own (spawned, so that its peak memory is its own).
+Each setting's model is built once (random weights, seed 0, straight on the device; a ``+qlora`` setting's are
+saved once to a temporary folder and loaded with the decoder's linear layers in 4-bit NF4 by bitsandbytes),
+measured at every sequence length, then freed. ``+single-pass`` and ``+two-pass`` pick TokenTune's engine (side by
+side); ``+compile`` and ``+cudagraphs`` wrap the model in ``torch.compile`` (default mode, and "reduce-overhead",
+which replays CUDA graphs). At each length it reports the bytes saved for backward (one training forward,
 :func:`tokentune_peft.saved_activation_bytes`), the peak memory of the training steps
 (``torch.cuda.max_memory_allocated``, reset after the model is built and measured) and the median step
 time (forward, backward and AdamW step, timed by CUDA events after warm-up steps), with ratios to full
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -54,40 +59,37 @@ from scripts.common import machine_description, write_report
 GIB = 2**30
 #: The suffix of a setting that computes the causal-LM loss with Liger-Kernel's fused linear cross-entropy.
 LIGER = "+liger"
-#: In order of importance, so that a spent time budget cuts the least important.
+#: The suffixes of a setting whose model is wrapped in ``torch.compile``, and the mode of each.
+COMPILE_MODES = {"+compile": "default", "+cudagraphs": "reduce-overhead"}
+#: In order of importance, so that a spent time budget cuts the least important: the engines side by side first.
 DEFAULT_SETTINGS = [
     "full",
     "lora",
-    "tokentune-0.3",
-    "tokentune-0.3+lora",
-    "tokentune-0.1",
+    "tokentune-0.3+lora+single-pass",
+    "tokentune-0.3+lora+two-pass",
+    "tokentune-0.3+single-pass",
+    "tokentune-0.3+two-pass",
+    "tokentune-0.3+lora+compile",
+    "tokentune-0.3+lora+cudagraphs",
+    "lora+compile",
     "tokentune-0.1+lora",
-    "full+gc",
     "lora+gc",
-    "tokentune-0.3+gc",
     "tokentune-0.3+lora+gc",
-    "tokentune-0.1+gc",
-    "tokentune-0.1+lora+gc",
-    "tokentune-0.3+dense2",
+    "full+gc",
     "tokentune-0.3+lora+dense2",
-    "tokentune-0.3+dense4",
-    "tokentune-0.3+lora+dense4",
-    "full+liger",
     "lora+liger",
-    "tokentune-0.3+liger",
     "tokentune-0.3+lora+liger",
-    "qlora",
-    "tokentune-0.3+qlora",
-    "tokentune-0.1+qlora",
 ]
 SMOKE_SETTINGS = [
     "full",
     "lora",
-    "tokentune-0.3",
+    "tokentune-0.3+single-pass",
+    "tokentune-0.3+two-pass",
     "tokentune-0.3+lora+gc",
     "tokentune-0.3+dense1",
     "qlora",
     "tokentune-0.3+qlora",
+    "tokentune-0.3+compile",
     "lora+liger",
 ]
 #: The settings every row is compared with, at the same sequence length.
@@ -102,8 +104,9 @@ class GpuBenchmarkArguments:
         default_factory=lambda: list(DEFAULT_SETTINGS),
         metadata={
             "help": "Settings, measured in this order: full, lora or tokentune-<ratio>, each optionally with +lora, "
-            "+qlora (LoRA over a 4-bit NF4 base), +gc, +dense<L> (TokenTune's dense top layers) and "
-            f"{LIGER} (Liger-Kernel's fused linear cross-entropy)."
+            "+qlora (LoRA over a 4-bit NF4 base), +gc, +dense<L> (TokenTune's dense top layers), +single-pass or "
+            f"+two-pass (TokenTune's engine), {LIGER} (Liger-Kernel's fused linear cross-entropy), and last "
+            f"{' or '.join(COMPILE_MODES)} (torch.compile, default or reduce-overhead mode)."
         },
     )
     seq_lens: list[int] = field(default_factory=lambda: [2048, 8192], metadata={"help": "Tokens per sequence."})
@@ -117,6 +120,10 @@ class GpuBenchmarkArguments:
         default=420.0, metadata={"help": "Seconds of measuring; settings not started by then are skipped."}
     )
     output_dir: str = field(default="outputs/gpu_benchmark", metadata={"help": "Where results.md and results.json go."})
+    own_process: bool = field(
+        default=True,
+        metadata={"help": "Measure each setting in a process of its own, so that its peak memory is its own."},
+    )
     smoke: bool = field(
         default=False, metadata={"help": "A seconds-long run: tiny config, a few settings, 1 warm-up and 1 timed step."}
     )
@@ -134,16 +141,19 @@ class GpuBenchmarkArguments:
             raise ValueError(f"`device` is {self.device!r}, but torch sees no CUDA device; use --device cpu --smoke.")
 
 
-def parse_setting(name: str) -> tuple[Setting, bool]:
-    """A setting's name as the benchmarks' :class:`~scripts.benchmarks.common.Setting`, and whether it uses
-    Liger-Kernel.
+def parse_setting(name: str) -> tuple[Setting, bool, str | None]:
+    """A setting's name as the benchmarks' :class:`~scripts.benchmarks.common.Setting`, whether it uses
+    Liger-Kernel, and its ``torch.compile`` mode (None: eager).
 
     Example:
-        >>> setting, liger = parse_setting("tokentune-0.3+lora+liger")
-        >>> setting.ratio, setting.lora, liger
-        (0.3, True, True)
+        >>> setting, liger, compiled = parse_setting("tokentune-0.3+lora+liger+cudagraphs")
+        >>> setting.ratio, setting.lora, liger, compiled
+        (0.3, True, True, 'reduce-overhead')
     """
-    return Setting.parse(name.removesuffix(LIGER)), name.endswith(LIGER)
+    compiled = next((mode for suffix, mode in COMPILE_MODES.items() if name.endswith(suffix)), None)
+    for suffix in COMPILE_MODES:
+        name = name.removesuffix(suffix)
+    return Setting.parse(name.removesuffix(LIGER)), name.endswith(LIGER), compiled
 
 
 def liger_unavailable(device: torch.device) -> str | None:
@@ -192,7 +202,7 @@ def four_bit_model(args: GpuBenchmarkArguments, device: torch.device, staging_di
 
 def build_model(args: GpuBenchmarkArguments, name: str, device: torch.device, staging_dir: str):
     """The model of setting ``name`` on ``device``, set up for training."""
-    setting, liger = parse_setting(name)
+    setting, liger, compiled = parse_setting(name)
     model = four_bit_model(args, device, staging_dir) if setting.quantized else random_model(args, device)
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -202,7 +212,8 @@ def build_model(args: GpuBenchmarkArguments, name: str, device: torch.device, st
         apply_liger_kernel_to_llama(
             rope=False, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=False, swiglu=False, model=model
         )
-    return set_up(model, setting, "CAUSAL_LM", lora_rank=args.lora_rank)
+    model = set_up(model, setting, "CAUSAL_LM", lora_rank=args.lora_rank)
+    return model if compiled is None else torch.compile(model, mode=compiled)
 
 
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
@@ -288,6 +299,18 @@ def run_setting(args: GpuBenchmarkArguments, name: str, device: torch.device, st
     return rows
 
 
+def run_setting_in_own_process(
+    args: GpuBenchmarkArguments, name: str, device: torch.device, staging_dir: str
+) -> list[dict]:
+    """:func:`run_setting` in a spawned process: it starts with no memory of another setting's in use or cached."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        try:
+            return pool.submit(run_setting, args, name, device, staging_dir).result()
+        except BrokenProcessPool as error:  # the process died (killed for memory, say): a row, not the end of the run
+            return [failed(name, seq_len, error) for seq_len in args.seq_lens]
+
+
 def run_all(args: GpuBenchmarkArguments) -> tuple[list[dict], list[str]]:
     """Every setting at every length, in order, within the time budget; the rows and the notes on skips."""
     device = torch.device(args.device)
@@ -297,7 +320,7 @@ def run_all(args: GpuBenchmarkArguments) -> tuple[list[dict], list[str]]:
     with tempfile.TemporaryDirectory(prefix="gpu_benchmark_") as staging:  # the 4-bit settings' weights, once
         for name in args.settings:
             reason = None
-            if name.endswith(LIGER) and no_liger:
+            if parse_setting(name)[1] and no_liger:
                 reason = no_liger
             elif time.perf_counter() - start > args.time_budget_s:
                 reason = f"the time budget of {args.time_budget_s:.0f} s was spent"
@@ -305,7 +328,8 @@ def run_all(args: GpuBenchmarkArguments) -> tuple[list[dict], list[str]]:
                 rows += [{"setting": name, "seq_len": seq_len, "skipped": reason} for seq_len in args.seq_lens]
                 notes.append(f"{name} skipped: {reason}.")
             else:
-                rows += run_setting(args, name, device, staging)
+                run = run_setting_in_own_process if args.own_process else run_setting
+                rows += run(args, name, device, staging)
             print(f"{name}: {time.perf_counter() - start:.0f} s so far", flush=True)
     return with_ratios(rows), notes
 
@@ -357,7 +381,10 @@ def describe(args: GpuBenchmarkArguments, machine: str) -> str:
         f"{args.device}; machine: {machine}. LoRA r={args.lora_rank} on every linear layer; +qlora: the same over "
         "a 4-bit NF4 base (bitsandbytes; the other weights unquantized, not upcast); +gc: non-reentrant "
         f"gradient checkpointing; +dense<L>: TokenTune's dense top layers; {LIGER}: Liger-Kernel's fused linear "
-        f"cross-entropy. Step: forward, backward and AdamW step, median of {args.steps} after {args.warmup} "
+        f"cross-entropy; +single-pass / +two-pass: TokenTune's engine (auto otherwise); "
+        f"{' / '.join(COMPILE_MODES)}: torch.compile in mode {' / '.join(COMPILE_MODES.values())}. "
+        f"{'Each setting in a process of its own. ' if args.own_process else 'All settings in one process. '}"
+        f"Step: forward, backward and AdamW step, median of {args.steps} after {args.warmup} "
         f"warm-up ({'CUDA events' if cuda else 'wall clock'}). Peak: "
         f"{'torch.cuda.max_memory_allocated' if cuda else 'the process peak resident set'} over the steps, "
         "counted from after the model is built. Saved activations: bytes autograd keeps for backward in one "

@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -31,6 +32,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .blockwise_attention import KEY_BLOCK, QUERY_BLOCK, MaskBlock, blockwise_attention
+from .slots import Slots
 from .whole_batch import WholeBatchRows
 
 #: Stock attention implementations TokenTune can sit on top of.
@@ -268,13 +270,18 @@ class TokenTuneStep:
         """What a transformer layer runs on in this step (None: its own arguments); see :mod:`~.whole_batch`."""
         return None if self.rows is None else self.rows.layer_inputs(self, layer, args, kwargs)
 
-    def select(self, selected_positions: torch.Tensor) -> None:
-        """End pass 1: pass 2 runs the tokens at ``selected_positions`` ([batch, k], -1 padded)."""
+    def select(self, slots: Slots) -> None:
+        """End pass 1: pass 2 runs the selected tokens' ``slots``."""
         self.recording = False
-        self.valid_slots = selected_positions >= 0  # rows are padded with -1
-        self.positions = selected_positions.clamp(min=0)  # padded slots hold a valid dummy index
-        self.batch_index, self.slot_index = self.valid_slots.nonzero(as_tuple=True)
-        self.queries = QueryRows(selected_positions, self.seq_len)
+        self.slots = slots
+        self.queries = QueryRows(self.slots.positions, self.seq_len)
+
+    def stand_in(self, recorded: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """A stand-in slot's rows of keys, values or hidden states ([batch, width, ...]): pass 1 recorded them.
+
+        Detached: gradient checkpointing's replay finds the recorded tensors already written with gradient.
+        """
+        return recorded.detach()[self.slots.rows, self.slots.positions]
 
     def attend(self, module: nn.Module, query, key, value, over_all_keys: Callable, kwargs: dict):
         """Pass 2: selected queries attend to all keys and values, the selected ones with gradient."""
@@ -289,11 +296,9 @@ class TokenTuneStep:
         return over_all_keys(module, query, all_keys, all_values, self.queries, mask, is_causal, kwargs)
 
     def _insert_selected(self, recorded: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        # recorded: [B, H, N, D]; selected: [B, H, k, D]. Indexing by (row, position) on the
-        # [B, N, H, D] view makes autograd keep only the indices, not the tensors.
-        rows = selected.transpose(1, 2)[self.batch_index, self.slot_index]
-        positions = self.positions[self.batch_index, self.slot_index]
-        recorded.transpose(1, 2).index_put_((self.batch_index, positions), rows)
+        # recorded: [B, H, N, D]; selected: [B, H, k, D]; written on the [B, N, H, D] view.
+        full, own = recorded.transpose(1, 2), selected.transpose(1, 2)
+        self.slots.write(full, own, partial(self.stand_in, full, own))
         return recorded
 
 

@@ -7,7 +7,9 @@ never builds a [queries x keys] tensor larger than one block, and keeps for back
 inputs, the output and one log-sum-exp per query row; the backward recomputes each block's
 scores. Which keys a query may attend to comes from a ``mask_block`` callable, evaluated block by
 block; :func:`mask_block_from_function` builds one from a transformers mask function
-(``transformers.masking_utils``). Key blocks that no query of a block may attend to are skipped.
+(``transformers.masking_utils``). On the CPU, key blocks that no query of a block may attend to are skipped;
+on an accelerator every block is computed under its mask, so that the host never waits to read one
+(:func:`reads_block_masks`).
 
 Attention dropout is not supported.
 """
@@ -58,6 +60,17 @@ def mask_block_from_function(mask_function: Callable) -> MaskBlock:
     return mask_block
 
 
+def reads_block_masks(device: torch.device) -> bool:
+    """Whether the kernel reads each block's mask on the host, to skip blocks it hides: on the CPU only, where the
+    read waits for no device. Elsewhere it would make the host wait for the device at every block.
+
+    Example:
+        >>> reads_block_masks(torch.device("cpu")), reads_block_masks(torch.device("cuda"))
+        (True, False)
+    """
+    return device.type == "cpu"
+
+
 def _blocks(length: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
@@ -86,11 +99,14 @@ def _block_scores(query_rows, key, positions, mask_block, start, end, groups) ->
         heads = key.shape[1] * groups
         if mask.shape[1] not in (1, heads):
             raise ValueError(f"mask_block must return 1 or {heads} heads (dim 1), got shape {tuple(mask.shape)}.")
-        # On the CPU, min and max of the bytes cost far less than all() and any() of the bools.
-        fewest, most = (int(bound) for bound in torch.aminmax(mask.view(torch.uint8)))
-        if most == 0:
-            return None
-        if fewest == 0:  # query heads grouped under their key head: [B, Hkv or 1, groups or 1, q, keys]
+        partly_hidden = True
+        if reads_block_masks(mask.device):
+            # On the CPU, min and max of the bytes cost far less than all() and any() of the bools.
+            fewest, most = (int(bound) for bound in torch.aminmax(mask.view(torch.uint8)))
+            if most == 0:
+                return None
+            partly_hidden = fewest == 0
+        if partly_hidden:  # query heads grouped under their key head: [B, Hkv or 1, groups or 1, q, keys]
             grouped = mask.unflatten(1, (key.shape[1], groups)) if mask.shape[1] > 1 else mask[:, :, None]
             bias = torch.where(grouped, 0.0, -math.inf)  # adding it costs far less than masked_fill_ on the CPU
     scores = torch.matmul(query_rows, key[:, :, start:end].mT).to(_wide(query_rows.dtype))

@@ -50,6 +50,7 @@ from .selection.labels import selected_targets
 from .selection.sampling import PAD_POSITION, validate_selected_positions
 from .selection.strategies import TokenSelector
 from .single_pass import SinglePassStep, SinglePassUnsupported
+from .slots import Slots
 from .step_inputs import ImageFeed, StepBatch, TextFeed
 
 
@@ -60,6 +61,19 @@ def _check_head_selected(head: torch.Tensor | None, selected_positions: torch.Te
         )
 
 
+def require_on_device(condition: torch.Tensor, message: str) -> None:
+    """Raise ValueError(``message``) unless ``condition`` (a bool tensor) holds, without the host waiting for the
+    device: on an accelerator it is a device-side assertion, which stops the run at its next synchronisation.
+
+    Example:
+        >>> require_on_device(torch.tensor(True), "never raised")
+    """
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError:  # on the CPU the assertion raises at once
+        raise ValueError(message) from None
+
+
 @dataclass
 class PreparedBatch:
     """What a TokenTune step decides about a batch before its forward (:meth:`TokenTuneEngine.prepare`).
@@ -67,6 +81,7 @@ class PreparedBatch:
     Args:
         selected_positions: [batch, k] positions, -1 padded; None when the strategy draws them in the
             forward ("importance", "gradient").
+        drawn: whether :meth:`TokenTuneEngine.prepare` drew the positions (the batch brought none).
         head_positions: [batch] where a sequence-classification head reads; None for other tasks.
         targets: the labels of the selected slots (:func:`~tokentune_peft.selection.labels.selected_targets`),
             None without labels or while the positions are unknown.
@@ -74,26 +89,27 @@ class PreparedBatch:
         budget: when the positions are drawn in the forward, computes k per row (called only if counted).
 
     The counts (:attr:`num_selected`, :attr:`num_real`) are computed when read, so a training forward,
-    which never reads them, pays nothing for them.
+    which never reads them, pays nothing for them; they stay on the device until someone prints them.
     """
 
     selected_positions: torch.Tensor | None
     head_positions: torch.Tensor | None
     targets: torch.Tensor | None
     real_tokens: torch.Tensor
+    drawn: bool = False
     budget: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
-    def num_selected(self) -> int:
-        """Tokens selected in the batch (the budget, when they are drawn in the forward)."""
+    def num_selected(self) -> torch.Tensor:
+        """Tokens selected in the batch (the budget, when they are drawn in the forward), a 0-d tensor."""
         if self.selected_positions is None:
-            return int(self.budget().sum())
-        return int((self.selected_positions != PAD_POSITION).sum())
+            return self.budget().sum()
+        return (self.selected_positions != PAD_POSITION).sum()
 
     @property
-    def num_real(self) -> int:
-        """Real (non-padding) tokens in the batch."""
-        return int(self.real_tokens.sum())
+    def num_real(self) -> torch.Tensor:
+        """Real (non-padding) tokens in the batch, a 0-d tensor."""
+        return self.real_tokens.sum()
 
 
 class TokenTuneEngine:
@@ -160,19 +176,25 @@ class TokenTuneEngine:
         selected_positions: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        positions_drawn: bool = False,
     ) -> PreparedBatch:
         """Check a batch and choose its positions (unless the strategy draws them in the forward).
 
         The one place where a batch's positions, head tokens, selected targets and counts are decided:
         the training forward calls it, and so does the Trainer before the forward, to count the
         selected supervised tokens. The batch comes as ``input_ids`` or as ``inputs_embeds``.
-        ``generator`` defaults to :attr:`generator`.
+        ``generator`` defaults to :attr:`generator`. ``positions_drawn`` says that ``selected_positions`` are
+        what an earlier call drew for this batch (the Trainer's): they are not checked again.
+
+        Nothing here makes the host wait for the device: the positions' width is known on the host, counts stay
+        tensors, and the checks of the batch itself run on the device (:func:`require_on_device`). Positions the
+        caller brings are checked on the host (:func:`~tokentune_peft.selection.sampling.validate_selected_positions`).
 
         Example:
             >>> from tokentune_peft.selection import TokenSelector
             >>> engine = TokenTuneEngine(TokenSelector("CAUSAL_LM", "none", True, None, 2))
             >>> prepared = engine.prepare(None, torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 4).long())
-            >>> prepared.selected_positions.shape, prepared.num_selected, prepared.num_real
+            >>> prepared.selected_positions.shape, int(prepared.num_selected), int(prepared.num_real)
             (torch.Size([1, 2]), 2, 4)
         """
         sequence = input_ids if input_ids is not None else inputs_embeds
@@ -180,30 +202,35 @@ class TokenTuneEngine:
             attention_mask = torch.ones(sequence.shape[:2], dtype=torch.long, device=sequence.device)
         real_tokens = attention_mask
         head = self.selector.head_positions(model, input_ids, real_tokens)
-        if head is not None and input_ids is None and self.selector.is_decoder and not real_tokens.all():
-            raise ValueError(
+        if head is not None and input_ids is None and self.selector.is_decoder:
+            require_on_device(
+                real_tokens.all(),
                 "A decoder's classification head given `inputs_embeds` reads the last position of every row, as "
                 "transformers' heads do, so a padded batch (attention_mask with zeros) would be read at padding; "
-                "pass `input_ids`, or batches without padding."
+                "pass `input_ids`, or batches without padding.",
             )
-        if head is not None and not real_tokens.gather(1, head[:, None]).all():
-            raise ValueError(
-                f"The classification head reads positions {head.tolist()}, and some are padding "
-                "(attention_mask == 0); pad encoder inputs on the right."
+        if head is not None:
+            require_on_device(
+                real_tokens.gather(1, head[:, None]).all(),
+                "The classification head reads a padding token (attention_mask == 0) in some row; pad encoder "
+                "inputs on the right.",
             )
-        if selected_positions is not None:
+        if selected_positions is not None and not positions_drawn:
             selected_positions = selected_positions.to(sequence.device)
             validate_selected_positions(selected_positions, real_tokens)
-        elif not self.selector.selects_in_forward:
+            selected_positions = selected_positions[:, : sequence.shape[1]]  # the rest is padding (-1)
+            _check_head_selected(head, selected_positions)
+        elif selected_positions is None and not self.selector.selects_in_forward:
             generator = self.generator if generator is None else generator
             selected_positions = self.selector.sample(model, input_ids, real_tokens, labels, generator)
-        if selected_positions is not None:
-            _check_head_selected(head, selected_positions)
+            self._check_drawn_head(head, selected_positions)
+            positions_drawn = True
         return PreparedBatch(
             selected_positions=selected_positions,
             head_positions=head,
             targets=self._targets(labels, selected_positions),
             real_tokens=real_tokens,
+            drawn=positions_drawn,
             budget=partial(self.selector.budget, model, input_ids, real_tokens) if selected_positions is None else None,
         )
 
@@ -214,6 +241,7 @@ class TokenTuneEngine:
         selected_positions: torch.Tensor | None = None,
         selection_generator: torch.Generator | None = None,
         loss_counted_over_selection: bool = False,
+        positions_drawn: bool = False,
         **inputs: Any,
     ) -> ModelOutput:
         """One TokenTune step of ``model`` (a transformers model) on a batch given as the model's keywords.
@@ -225,7 +253,8 @@ class TokenTuneEngine:
 
         ``selection_generator`` draws positions drawn in the forward (the Trainer hands in its own);
         ``loss_counted_over_selection`` says that the caller's loss count (``num_items_in_batch``) is over
-        the selected tokens, which a Trainer that prepared the batch knows. Other keywords
+        the selected tokens, which a Trainer that prepared the batch knows; ``positions_drawn`` that
+        ``selected_positions`` are what :meth:`prepare` drew for this batch (the Trainer's). Other keywords
         (``num_items_in_batch``, ``output_router_logits``, TRL's ``fused_lm_head``...) reach the model's
         forward in the call that carries gradient, which computes its own loss.
         """
@@ -242,11 +271,34 @@ class TokenTuneEngine:
             selected_positions,
             generator,
             batch.inputs_embeds,
+            positions_drawn,
         )
         drawn_in_forward = self.selector.strategy if prepared.selected_positions is None else None
-        engine = self.choice.choose(model, drawn_in_forward, self.feed.single_pass_blocker)
+        engine = self.choice.choose(model, drawn_in_forward, self.feed.single_pass_blocker or self._blocker(prepared))
         output = self._single_pass(model, batch, prepared) if engine == Engine.SINGLE_PASS else None
         return self._two_pass(model, batch, prepared, generator) if output is None else output
+
+    def _blocker(self, prepared: PreparedBatch) -> str | None:
+        """Why the single pass cannot run these positions: a classification head's stand-ins on real tokens.
+
+        A classification head's stand-in slots take the pad id (:func:`~tokentune_peft.grad_call.selected_inputs`),
+        so their keys are exact only on padding, where no query reads them; drawn positions put them there. Given
+        positions were checked on the host already, and are checked for this too.
+        """
+        positions = prepared.selected_positions
+        if prepared.drawn or positions is None or self.task_type != TaskType.SEQ_CLS:
+            return None
+        if self.grad_call.covers_every_position:
+            return None
+        stand_ins = (positions == PAD_POSITION).sum(dim=1)
+        if bool((stand_ins <= (prepared.real_tokens == 0).sum(dim=1)).all()):
+            return None
+        return "a row of the given positions has fewer than their width and too little padding for the rest"
+
+    def _check_drawn_head(self, head: torch.Tensor | None, selected_positions: torch.Tensor) -> None:
+        """Drawn positions hold the head's token by construction when it is always selected; else it is checked."""
+        if self.selector.always_select != "head":
+            _check_head_selected(head, selected_positions)
 
     def _targets(self, labels: torch.Tensor | None, selected_positions: torch.Tensor | None) -> torch.Tensor | None:
         if labels is None or (selected_positions is None and self.task_type != TaskType.SEQ_CLS):
@@ -279,15 +331,16 @@ class TokenTuneEngine:
     def _single_pass(self, model: nn.Module, batch: StepBatch, prepared: PreparedBatch) -> ModelOutput | None:
         """A single-pass step's output, or None if the single pass gave up on this model."""
         selected = prepared.selected_positions
-        selected_call = selected_inputs(model, batch, selected)
+        slots = Slots(selected, batch.seq_len, batch.attention_mask, stand_ins_on_padding=prepared.drawn)
+        selected_call = selected_inputs(model, batch, slots, self.task_type)
         grad_inputs, supervised = self.grad_call.inputs(batch, selected_call, prepared.targets)
         rows = self.grad_call.new_rows(batch.seq_len)
         # With dense top layers the no-grad group already stops below them.
         calls = self.choice.attention_calls if rows is None else None
-        step = SinglePassStep(batch.seq_len, selected, rows=rows, attention_calls=calls, worker=self.worker)
+        step = SinglePassStep(batch.seq_len, slots, rows=rows, attention_calls=calls, worker=self.worker)
         try:
             start_grad_call = partial(self.grad_call.start, model, step, selected_call)
-            output = step.run(model, batch.backbone_inputs, grad_inputs, start_grad_call)
+            output = step.run(model, batch, grad_inputs, start_grad_call)
         except SinglePassUnsupported as error:
             self.choice.single_pass_failed(error)
             return None
@@ -299,9 +352,11 @@ class TokenTuneEngine:
         """Pass 1 (no autograd, all tokens), then the grad call on the positions prepared or drawn from pass 1."""
         step = TokenTuneStep(batch.seq_len, rows=self.grad_call.new_rows(batch.seq_len))
         selected = self._pass_one(model, batch, prepared, generator, step)
-        step.select(selected)
+        # Positions drawn here, or before (prepared.drawn), put their stand-ins on padding.
+        drawn = prepared.drawn or prepared.selected_positions is None
+        step.select(Slots(selected, batch.seq_len, batch.attention_mask, stand_ins_on_padding=drawn))
         targets = prepared.targets if prepared.selected_positions is not None else self._targets(batch.labels, selected)
-        selected_call = selected_inputs(model, batch, selected)
+        selected_call = selected_inputs(model, batch, step.slots, self.task_type)
         grad_inputs, supervised = self.grad_call.inputs(batch, selected_call, targets)
         with without_masks():  # the selected probe's masks: the recorded ones serve
             self.grad_call.start(model, step, selected_call)
@@ -321,7 +376,7 @@ class TokenTuneEngine:
         top = [] if step.rows is None else step.rows.top
         top_inputs: dict = {}
         with torch.no_grad(), skipping(top, top_inputs):
-            last_hidden = model.base_model(**batch.backbone_inputs, use_cache=False, tokentune_step=step)[0]
+            last_hidden = model.base_model(**batch.backbone_inputs, tokentune_step=step)[0]
         if top:
             step.rows.base = hidden_of(*top_inputs[step.rows.first_dense])
         if step.num_recorded == 0 and (step.rows is None or step.rows.lower):
@@ -332,5 +387,5 @@ class TokenTuneEngine:
         selected = self.selector.sample(
             model, batch.input_ids, prepared.real_tokens, batch.labels, generator, scores=scores
         )
-        _check_head_selected(prepared.head_positions, selected)
+        self._check_drawn_head(prepared.head_positions, selected)
         return selected

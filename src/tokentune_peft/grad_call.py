@@ -25,7 +25,8 @@ from transformers.utils import ModelOutput
 from .attention import mask_hook
 from .outputs import with_selected_positions
 from .selection.labels import IGNORE_INDEX
-from .selection.sampling import PAD_POSITION, gather_positions
+from .selection.sampling import gather_positions
+from .slots import Slots
 from .step_inputs import StepBatch
 from .whole_batch import WholeBatchRows, record_lower_layer_inputs, refuse_router_loss
 
@@ -43,9 +44,10 @@ def without_masks() -> AbstractContextManager:
     return mask_hook(lambda build, *args, **kwargs: None)
 
 
-def selected_inputs(model: nn.Module, batch: StepBatch, selected_positions: torch.Tensor) -> dict | None:
-    """The inputs of a call of ``model`` on the selected tokens: their ids (or embeddings), original positions and
-    types; None when the model builds its sequence itself (no such call exists).
+def selected_inputs(model: nn.Module, batch: StepBatch, slots: Slots, task_type: str) -> dict | None:
+    """The inputs of a call of ``model`` on the slots of the selected tokens (:class:`~tokentune_peft.slots.Slots`):
+    their ids (or embeddings), original positions and types; None when the model builds its sequence itself (no
+    such call exists).
 
     Example:
         >>> from tokentune_peft.step_inputs import TextFeed
@@ -53,19 +55,19 @@ def selected_inputs(model: nn.Module, batch: StepBatch, selected_positions: torc
         >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         ...                              intermediate_size=64, vocab_size=64))
         >>> batch = TextFeed().read(model, {"input_ids": torch.tensor([[5, 6, 7]])})
-        >>> selected_inputs(model, batch, torch.tensor([[0, 2]]))["input_ids"].tolist()
+        >>> selected_inputs(model, batch, Slots(torch.tensor([[0, 2]]), 3, None), "TOKEN_CLS")["input_ids"].tolist()
         [[5, 7]]
     """
     if not batch.tokens:
         return None
-    valid = selected_positions != PAD_POSITION
-    inputs = gather_positions(batch.backbone_inputs, selected_positions)
+    inputs = gather_positions(batch.per_token, slots.positions)
     pad_id = getattr(model.config, "pad_token_id", None)
-    if "input_ids" in inputs and pad_id is not None:  # a decoder classification head reads the last non-pad slot
-        inputs["input_ids"] = inputs["input_ids"].masked_fill(~valid, pad_id)
-    # Which slots hold a token. The selected queries' attention uses the recorded masks; this one is
+    if task_type == TaskType.SEQ_CLS and "input_ids" in inputs and pad_id is not None:
+        # A decoder's classification head reads the last slot whose id is not the pad id: the last selected one.
+        inputs["input_ids"] = inputs["input_ids"].masked_fill(~slots.selected, pad_id)
+    # Which slots hold a selected token. The selected queries' attention uses the recorded masks; this one is
     # for what the model computes per token, such as an MoE router's load-balancing loss.
-    inputs["attention_mask"] = valid.long()
+    inputs["attention_mask"] = slots.selected.long()
     inputs["use_cache"] = False
     return inputs
 
@@ -90,17 +92,18 @@ class SelectedTokensCall:
     def check(self, batch: StepBatch) -> None:
         """Refuse what this call cannot make exact (nothing here)."""
 
-    def inputs(self, batch: StepBatch, selected: dict | None, targets: torch.Tensor | None) -> tuple[dict, bool]:
-        """The call's keywords, and whether any selected target is supervised."""
-        inputs, supervised = {**selected, **batch.extra}, True
+    def inputs(
+        self, batch: StepBatch, selected: dict | None, targets: torch.Tensor | None
+    ) -> tuple[dict, torch.Tensor | None]:
+        """The call's keywords, and whether any selected target is supervised (a bool tensor on the device; None
+        when the loss does not count tokens)."""
+        inputs, supervised = {**selected, **batch.extra}, None
         if targets is not None:
             inputs["labels"] = targets
             if self.task_type == TaskType.CAUSAL_LM:
                 inputs["shift_labels"] = targets  # aligned with the slots: nothing shifts across non-neighbours
             if self.task_type != TaskType.SEQ_CLS:
-                supervised = bool((targets != IGNORE_INDEX).any())
-                if not supervised and inputs.get("num_items_in_batch") is None:
-                    inputs["num_items_in_batch"] = 1  # a sum over no terms: zero loss, not 0 / 0
+                supervised = (targets != IGNORE_INDEX).any()
         return inputs, supervised
 
     def start(self, model: nn.Module, step, selected: dict | None) -> None:
@@ -110,10 +113,13 @@ class SelectedTokensCall:
         """Context for the call in a two-pass step: it needs no mask of its own (:func:`without_masks`)."""
         return without_masks()
 
-    def finish(self, output: ModelOutput, supervised: bool, selected_positions: torch.Tensor) -> ModelOutput:
-        """The step's output: the model's, with the selected positions."""
-        if not supervised and not torch.isfinite(output["loss"]):  # a head that averages over no terms
-            output["loss"] = output["logits"].sum() * 0.0
+    def finish(
+        self, output: ModelOutput, supervised: torch.Tensor | None, selected_positions: torch.Tensor
+    ) -> ModelOutput:
+        """The step's output: the model's, with the selected positions. A loss over no supervised slot (a mean over
+        no terms, 0 / 0) is 0, chosen on the device: the host never waits to read whether there was one."""
+        if supervised is not None and output.get("loss") is not None:
+            output["loss"] = torch.where(supervised, output["loss"], output["loss"].new_zeros(()))
         return with_selected_positions(output, selected_positions)
 
 
@@ -142,12 +148,14 @@ class WholeBatchCall(SelectedTokensCall):
         if self.dense_count and batch.extra.get("output_router_logits"):
             refuse_router_loss("passed to the forward")
 
-    def inputs(self, batch: StepBatch, selected: dict | None, targets: torch.Tensor | None) -> tuple[dict, bool]:
+    def inputs(
+        self, batch: StepBatch, selected: dict | None, targets: torch.Tensor | None
+    ) -> tuple[dict, torch.Tensor | None]:
         """The whole batch's keywords with the caller's labels (the model's own loss covers every position)."""
         inputs = {**batch.whole_batch_inputs, **batch.extra}
         if batch.labels is not None:
             inputs["labels"] = batch.labels
-        return inputs, True
+        return inputs, None
 
     def start(self, model: nn.Module, step, selected: dict | None) -> None:
         """Record what the layers below the top receive in a call on the selected tokens, and turn the hooks on."""

@@ -4,10 +4,11 @@ The two-pass step (:mod:`tokentune_peft.engine`) runs the backbone on all N toke
 then again on the k selected tokens with it, so the selected tokens' forward is computed twice. Here
 the batch is split into two row groups that run as two cooperating calls of the same model:
 
-* the **grad group** (the caller's thread, autograd on) runs the whole model on the selected tokens,
-  exactly the call the two-pass engine makes in its pass 2, and returns the output and the loss;
+* the **grad group** (the caller's thread, autograd on) runs the whole model on the selected tokens' slots
+  (:mod:`tokentune_peft.slots`), exactly the call the two-pass engine makes in its pass 2, and returns the
+  output and the loss;
 * the **no-grad group** (under ``torch.no_grad``, on a worker thread the engine starts once and keeps)
-  runs only the backbone on the other tokens; its output is discarded.
+  runs only the backbone on the other ``N - width`` tokens of each row; its output is discarded.
 
 They meet in every self-attention, through the attention function TokenTune registers with
 transformers: the no-grad group arrives first and leaves its keys and values; the grad group writes
@@ -56,7 +57,9 @@ from torch import nn
 from .alternation import Alternation, Worker
 from .attention import QueryRows, TokenTuneStep, call_is_causal, mask_hook, no_attention_error
 from .layers import hidden_of, skipping, transformer_layers
-from .selection.sampling import PAD_POSITION, gather_positions
+from .selection.sampling import gather_positions
+from .slots import Slots, other_positions
+from .step_inputs import StepBatch
 from .whole_batch import WholeBatchRows
 
 
@@ -66,24 +69,6 @@ class SinglePassUnsupported(RuntimeError):
 
 class StopForward(Exception):
     """Raised in the no-grad group once it has computed all that is read of it."""
-
-
-def complement_positions(selected_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Positions not in ``selected_positions`` ([batch, k], -1 padded), in order, -1 padded.
-
-    Example:
-        >>> complement_positions(torch.tensor([[0, 2], [1, -1]]), 4).tolist()
-        [[1, 3, -1], [0, 2, 3]]
-    """
-    batch = selected_positions.shape[0]
-    selected = torch.zeros(batch, seq_len + 1, dtype=torch.bool, device=selected_positions.device)
-    selected.scatter_(1, torch.where(selected_positions < 0, seq_len, selected_positions), True)
-    rest = ~selected[:, :seq_len]
-    width = int(rest.sum(dim=1).max())
-    index = torch.arange(seq_len, device=selected_positions.device).expand(batch, seq_len)
-    # Sort the kept positions first, in order; the others (key seq_len + i) after them.
-    order = torch.where(rest, index, seq_len + index).sort(dim=1).values[:, :width]
-    return torch.where(order < seq_len, order, PAD_POSITION)
 
 
 def _random_state(device: torch.device) -> torch.Tensor:
@@ -99,26 +84,23 @@ def _set_random_state(device: torch.device, state: torch.Tensor) -> None:
 
 
 class _Rows:
-    """The no-grad group's rows: positions ([batch, width], -1 padded) and their flat (row, slot) indices."""
+    """The no-grad group's rows: every row's positions outside the grad group's slots ([batch, N - width])."""
 
     def __init__(self, positions: torch.Tensor, seq_len: int) -> None:
-        self.valid = positions != PAD_POSITION
-        self.positions = positions.clamp(min=0)
-        self.rows, self.slots = self.valid.nonzero(as_tuple=True)
-        self.flat_positions = self.positions[self.rows, self.slots]
+        self.positions = positions
+        self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self.queries = QueryRows(positions, seq_len)
 
     def spread_rows(self, part: torch.Tensor, seq_len: int) -> torch.Tensor:
         """``part`` ([B, width, ...]) written at its positions of a [B, N, ...] tensor of zeros."""
         full = part.new_zeros(part.shape[0], seq_len, *part.shape[2:])
-        full.index_put_((self.rows, self.flat_positions), part[self.rows, self.slots])
-        return full
+        return full.index_put_((self.rows, self.positions), part)
 
     def spread(self, part: torch.Tensor, seq_len: int) -> torch.Tensor:
         """``part`` ([B, H, width, D]) written at its positions of a [B, H, N, D] tensor of zeros."""
         batch, heads, _, dim = part.shape
         full = part.new_zeros(batch, heads, seq_len, dim)
-        full.transpose(1, 2).index_put_((self.rows, self.flat_positions), part.transpose(1, 2)[self.rows, self.slots])
+        full.transpose(1, 2).index_put_((self.rows, self.positions), part.transpose(1, 2))
         return full
 
 
@@ -136,7 +118,7 @@ class SinglePassStep(TokenTuneStep):
 
     Args:
         seq_len: length N of the full sequences.
-        selected_positions: [batch, k] positions of the grad group, -1 padded.
+        slots: the grad group's slots (:class:`~tokentune_peft.slots.Slots`); the no-grad group runs the rest.
         rows: the rows each layer runs in a whole-batch grad call, if the step's grad call is one.
         attention_calls: self-attention calls of the model's forward, if known (an earlier step's
             :attr:`attended`); the no-grad group stops once it has recorded the last one.
@@ -147,7 +129,7 @@ class SinglePassStep(TokenTuneStep):
     def __init__(
         self,
         seq_len: int,
-        selected_positions: torch.Tensor,
+        slots: Slots,
         rows: WholeBatchRows | None = None,
         attention_calls: int | None = None,
         worker: Worker | None = None,
@@ -156,8 +138,8 @@ class SinglePassStep(TokenTuneStep):
         self.attention_calls = attention_calls
         self.recorded = 0  # the no-grad group's attention calls so far
         self.attended = 0  # the grad group's, in its forward
-        self.select(selected_positions)
-        self.rest = _Rows(complement_positions(selected_positions, seq_len), seq_len)
+        self.select(slots)
+        self.rest = _Rows(other_positions(self.slots.positions, seq_len), seq_len)
         self.built_masks: list[torch.Tensor | None] = []  # the probe's full-sequence masks, in the order built
         self.probing = True
         self.finished = False  # the forward is over: attention calls now are gradient checkpointing's replays
@@ -235,6 +217,10 @@ class SinglePassStep(TokenTuneStep):
             self._raise_no_grad_error()
         return output
 
+    def stand_in(self, recorded: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """A stand-in slot's rows: its own, detached (no other group computes its position)."""
+        return own.detach()
+
     def _zeros(self, part: torch.Tensor) -> torch.Tensor:
         return part.new_zeros(part.shape[0], part.shape[1], self.seq_len, part.shape[3])
 
@@ -285,17 +271,18 @@ class SinglePassStep(TokenTuneStep):
         self._raise_no_grad_error()
         return output
 
-    def run(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict, start_grad_call: Callable) -> Any:
+    def run(self, model: nn.Module, batch: StepBatch, grad_inputs: dict, start_grad_call: Callable) -> Any:
         """Probe the masks, then run both groups; returns the grad group's output (``model(**grad_inputs)``).
 
-        ``backbone_inputs`` hold the whole batch's ``input_ids`` (or ``inputs_embeds``), ``attention_mask``
-        (None included), ``position_ids`` and, if any, ``token_type_ids``. ``start_grad_call`` prepares the
-        grad call (:meth:`~tokentune_peft.grad_call.SelectedTokensCall.start`), under the probe's masks.
+        The probe runs on ``batch.backbone_inputs``, the no-grad group on its rows of ``batch.per_token``.
+        ``start_grad_call`` prepares the grad call (:meth:`~tokentune_peft.grad_call.SelectedTokensCall.start`),
+        under the probe's masks.
         """
+        backbone_inputs = batch.backbone_inputs
         backbone = model.base_model
         # The probe runs with every transformer layer skipped: by their first, the model has built its masks.
         with torch.no_grad(), self.record_masks(), skipping(transformer_layers(backbone), {}):
-            backbone(**backbone_inputs, use_cache=False, tokentune_step=self)
+            backbone(**backbone_inputs, tokentune_step=self)
         self.probing = False
         with self.replay_masks():  # the masks the grad group's attention receives
             start_grad_call()
@@ -303,18 +290,17 @@ class SinglePassStep(TokenTuneStep):
             with self.replay_masks():
                 output = model(**grad_inputs, tokentune_step=self)
         else:
-            output = self._run_both(model, backbone_inputs, grad_inputs)
+            output = self._run_both(model, batch.per_token, grad_inputs)
         if not self.keys and (self.rows is None or self.rows.lower):
             raise no_attention_error()
         self.finished = True
         return output
 
-    def _run_both(self, model: nn.Module, backbone_inputs: dict, grad_inputs: dict) -> Any:
-        per_token = {name: value for name, value in backbone_inputs.items() if name != "attention_mask"}
+    def _run_both(self, model: nn.Module, per_token: dict, grad_inputs: dict) -> Any:
         no_grad_inputs = gather_positions(per_token, self.rest.positions)
-        no_grad_inputs["attention_mask"] = self.rest.valid.long()
+        no_grad_inputs["attention_mask"] = torch.ones_like(self.rest.positions)
         # Autocast is set per thread: the no-grad group computes in the caller's precision.
-        self._device = backbone_inputs["position_ids"].device
+        self._device = per_token["position_ids"].device
         device = self._device.type
         autocast = {
             "device_type": device,

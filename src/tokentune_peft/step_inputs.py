@@ -47,8 +47,12 @@ class StepBatch:
         sequence: the sequence positions are selected over: [batch, N] ids or [batch, N, hidden] embeddings.
         attention_mask: [batch, N], or None (a packed batch, or images).
         labels: the caller's labels, or None.
-        backbone_inputs: what the backbone takes for the whole batch (pass 1, the probes, the no-grad group).
+        backbone_inputs: what the backbone takes for the whole batch (pass 1, the probes): the caller's own
+            ``attention_mask`` and ``position_ids`` (None included: the model then builds its masks as in a stock
+            step), and no cache.
         whole_batch_inputs: what the model's stock call on the whole batch takes, labels aside.
+        per_token: each token's own inputs (ids or embeddings, position ids as the model computes them, token
+            types): a row group's call takes them at its positions.
         extra: the forward's other keywords, for the call that carries gradient only.
     """
 
@@ -58,6 +62,7 @@ class StepBatch:
     labels: torch.Tensor | None
     backbone_inputs: dict[str, Any]
     whole_batch_inputs: dict[str, Any]
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -170,20 +175,25 @@ class TextFeed:
         inputs.pop("use_cache", None)
         drop_varlen_boundaries(inputs, position_ids)
         tokens = {name: sequence}
-        backbone_inputs = {
-            **tokens,
-            "attention_mask": attention_mask,
-            "position_ids": full_position_ids(model, tokens, position_ids),
-        }
+        per_token = {**tokens, "position_ids": full_position_ids(model, tokens, position_ids)}
         if token_type_ids is not None:
-            backbone_inputs["token_type_ids"] = token_type_ids
+            per_token["token_type_ids"] = token_type_ids
+        # The caller's own arguments of the model's masks: the whole batch's calls build them as the stock step does.
+        # No cache: with one, transformers would let packed documents attend to each other.
+        backbone_inputs = {
+            **per_token,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
         batch = StepBatch(
             tokens=tokens,
             sequence=sequence,
             attention_mask=attention_mask,
             labels=labels,
             backbone_inputs=backbone_inputs,
-            whole_batch_inputs={**backbone_inputs, "use_cache": False},
+            whole_batch_inputs=backbone_inputs,
+            per_token=per_token,
             extra=inputs,
         )
         check_batch(batch, name)

@@ -146,6 +146,8 @@ class TokenTuneTrainerMixin:
             )
             if prepared.selected_positions is not None:
                 batch["selected_positions"] = prepared.selected_positions
+                batch["positions_drawn"] = prepared.drawn
+            # Device tensors: read when logged, as the Trainer reads its loss.
             self._selected_tokens += prepared.num_selected
             self._real_tokens += prepared.num_real
             if prepared.targets is not None:
@@ -198,7 +200,7 @@ class TokenTuneTrainerMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the selection ratio in force and the activation memory to the training logs."""
         if "loss" in logs and self._real_tokens:
-            logs["selection_ratio"] = round(self._selected_tokens / self._real_tokens, 4)
+            logs["selection_ratio"] = round(float(self._selected_tokens) / float(self._real_tokens), 4)
             self._selected_tokens = self._real_tokens = 0
             if self.activation_memory is not None:
                 logs["activation_mib"] = round(self.activation_memory["tokentune_bytes"] / MIB, 2)

@@ -32,7 +32,7 @@ from .whole_batch import check_dense_top_layers, install_layer_hooks
 
 CLASSIFICATION_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
 #: Keywords of a forward that steer the TokenTune step, never the model (:meth:`TokenTuneEngine.__call__`).
-STEP_OPTIONS = ("selected_positions", "selection_generator", "loss_counted_over_selection")
+STEP_OPTIONS = ("selected_positions", "positions_drawn", "selection_generator", "loss_counted_over_selection")
 
 
 class _TokenTuneStepMixin:

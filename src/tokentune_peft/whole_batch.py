@@ -30,6 +30,7 @@ Self-attention inside the top layers runs the stock attention function (:meth:`W
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -116,15 +117,14 @@ class WholeBatchRows:
         """What ``layer`` runs on instead of ``(args, kwargs)`` (None: unchanged) in the call that carries
         gradient: the layers below the top run the selected rows as in a call on the selected tokens (with
         their own arguments where none were recorded: layers that take no per-token ones), and the first
-        dense layer every row. ``step`` gives the selected positions (``batch_index``, ``slot_index``,
-        ``positions``).
+        dense layer every row. ``step`` gives the slots (:class:`~tokentune_peft.slots.Slots`).
         """
         if not self.running:
             return None
         hidden = hidden_of(args, kwargs)
         first = layer is (self.lower[0] if self.lower else self.first_dense)
         if first:  # the whole batch's embeddings
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], step.positions]
+            hidden = hidden[step.slots.rows, step.slots.positions]
         if layer in self.lower_inputs:
             selected_args, selected_kwargs = self.lower_inputs[layer]
             return with_hidden(selected_args, {**selected_kwargs, "tokentune_step": step}, hidden)
@@ -133,15 +133,14 @@ class WholeBatchRows:
         return with_hidden(args, kwargs, hidden) if first else None
 
     def _every_row(self, step: Any, selected: torch.Tensor) -> torch.Tensor:
-        """[B, N, H]: the selected rows (with gradient) written over :attr:`base`. Indexing by (row, position)
-        makes autograd keep only the indices."""
-        rows, slots = step.batch_index, step.slot_index
-        base = self.base
-        if base is None:
-            if rows.numel() != selected.shape[0] * self.seq_len:
+        """[B, N, H]: the slots' rows (the selected ones with gradient) written over a copy of :attr:`base`."""
+        if self.base is None:
+            if selected.shape[1] != self.seq_len:
                 raise RuntimeError("TokenTune's dense top layers got no input for the unselected rows.")
-            base = selected.new_zeros(selected.shape[0], self.seq_len, selected.shape[2])
-        return base.to(selected.dtype).index_put((rows, step.positions[rows, slots]), selected[rows, slots])
+            full = selected.new_zeros(selected.shape)
+        else:
+            full = self.base.to(selected.dtype, copy=True)
+        return step.slots.write(full, selected, partial(step.stand_in, full, selected))
 
 
 def _layer_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> Call | None:

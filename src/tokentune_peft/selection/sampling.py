@@ -2,11 +2,15 @@
 
 Positions are a LongTensor ``[batch, k]``: sequence indices, ascending per row, each row padded at
 its end with -1 when it selects fewer than ``k`` tokens.
+
+A step's positions are drawn without reading anything back from the device: ``k`` is known on the host from the
+sequence length and the budget (:func:`selection_width`), and every row's own count stays on the device.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -26,14 +30,39 @@ def selection_sizes(
         >>> selection_sizes(torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), selection_ratio=0.3).tolist()
         [2, 1]
     """
-    if (selection_ratio is None) == (num_selected is None):
-        raise ValueError("Give exactly one of `selection_ratio` and `num_selected`.")
+    _check_budget(selection_ratio, num_selected)
     lengths = attention_mask.sum(dim=1)
     if num_selected is not None:
         return lengths.clamp(max=num_selected)
-    # ceil(ratio * n), computed on integers where possible so 0.3 * 10 gives 3, not 4.
-    sizes = [min(n, math.ceil(round(selection_ratio * n, 9))) for n in lengths.tolist()]
-    return torch.tensor(sizes, dtype=torch.long, device=attention_mask.device)
+    # ceil(ratio * n) on integers, the ratio as a fraction p / q, so that 0.3 * 10 gives 3, not 4.
+    ratio = Fraction(selection_ratio).limit_denominator(_RATIO_DENOMINATOR)
+    sizes = (lengths * ratio.numerator + ratio.denominator - 1).div(ratio.denominator, rounding_mode="floor")
+    return sizes.clamp(max=lengths)
+
+
+def selection_width(seq_len: int, selection_ratio: float | None = None, num_selected: int | None = None) -> int:
+    """The most tokens any row of ``seq_len`` tokens selects under the budget (at least 1): the width of its positions.
+
+    Known on the host, so a step never reads its rows' counts back from the device to size its tensors.
+
+    Example:
+        >>> selection_width(10, selection_ratio=0.3), selection_width(10, num_selected=16)
+        (3, 10)
+    """
+    _check_budget(selection_ratio, num_selected)
+    if num_selected is not None:
+        return max(1, min(seq_len, num_selected))
+    ratio = Fraction(selection_ratio).limit_denominator(_RATIO_DENOMINATOR)
+    return max(1, min(seq_len, math.ceil(seq_len * ratio)))
+
+
+#: Ratios are read as fractions with at most this denominator (0.3 is 3/10): exact integer sizes on any device.
+_RATIO_DENOMINATOR = 10**6
+
+
+def _check_budget(selection_ratio: float | None, num_selected: int | torch.Tensor | None) -> None:
+    if (selection_ratio is None) == (num_selected is None):
+        raise ValueError("Give exactly one of `selection_ratio` and `num_selected`.")
 
 
 def sample_positions(
@@ -43,6 +72,7 @@ def sample_positions(
     selection_ratio: float | None = None,
     num_selected: int | torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Sample positions among a row's real tokens, always including ``always_selected``.
 
@@ -57,6 +87,9 @@ def sample_positions(
         selection_ratio / num_selected: the budget, exactly one of them (``num_selected`` may be a
             LongTensor [batch], one k per row).
         weights: [batch, seq] non-negative sampling weights, or None for uniform.
+        width: the positions' width, at least every row's k (:meth:`TokenSelector.width
+            <tokentune_peft.selection.strategies.TokenSelector.width>` knows it on the host); None reads the
+            widest row's k back from the device.
 
     Example:
         >>> mask = torch.ones(2, 6, dtype=torch.long)
@@ -66,11 +99,12 @@ def sample_positions(
     """
     real = attention_mask.bool()
     always = always_selected & real
-    free_budget = selection_budget(attention_mask, always, selection_ratio, num_selected) - always.sum(dim=1)
+    budget = selection_budget(attention_mask, always, selection_ratio, num_selected)
     scores = _uniform_scores(attention_mask, generator)
     if weights is not None:  # Gumbel top-k: the top scores are a draw without replacement, P ~ weights
         scores = weights.clamp(min=torch.finfo(torch.float32).tiny).log() - (-scores.log()).log()
-    return positions_from_mask(always | _top_counts(scores, real & ~always, free_budget))
+    chosen = always | _top_counts(scores, real & ~always, budget - always.sum(dim=1))
+    return positions_from_mask(chosen, _width(width, budget))
 
 
 def sample_with_quota(
@@ -81,13 +115,14 @@ def sample_with_quota(
     other_share: float,
     selection_ratio: float | None = None,
     num_selected: int | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Spend the budget on ``preferred`` positions first, keeping a share for the others.
 
     After the always-selected positions, ``floor(other_share x budget)`` positions are drawn
     uniformly among the non-preferred real tokens and the rest uniformly among the preferred ones;
     when one group runs out, the other takes up the remaining budget, so each row still gets exactly
-    its k positions.
+    its k positions. ``width`` is as in :func:`sample_positions`.
 
     Example:
         >>> mask = torch.ones(1, 8, dtype=torch.long)
@@ -98,15 +133,15 @@ def sample_with_quota(
     """
     real = attention_mask.bool()
     always = always_selected & real
-    budget = selection_budget(attention_mask, always, selection_ratio, num_selected) - always.sum(dim=1)
+    row_budget = selection_budget(attention_mask, always, selection_ratio, num_selected)
+    budget = row_budget - always.sum(dim=1)
     wanted, others = real & ~always & preferred, real & ~always & ~preferred
     other_quota = torch.minimum((budget * other_share + 1e-6).floor().long(), others.sum(dim=1))
     wanted_quota = torch.minimum(budget - other_quota, wanted.sum(dim=1))
     other_quota = budget - wanted_quota
     scores = _uniform_scores(attention_mask, generator)
-    return positions_from_mask(
-        always | _top_counts(scores, wanted, wanted_quota) | _top_counts(scores, others, other_quota)
-    )
+    chosen = always | _top_counts(scores, wanted, wanted_quota) | _top_counts(scores, others, other_quota)
+    return positions_from_mask(chosen, _width(width, row_budget))
 
 
 def selection_budget(
@@ -126,39 +161,52 @@ def selection_budget(
     return torch.maximum(sizes, (always_selected & attention_mask.bool()).sum(dim=1))
 
 
-def positions_from_mask(chosen: torch.Tensor) -> torch.Tensor:
-    """[batch, seq] bool to ascending positions [batch, k], rows padded at the end with -1.
+def positions_from_mask(chosen: torch.Tensor, width: int) -> torch.Tensor:
+    """[batch, seq] bool to ascending positions [batch, width], rows padded at the end with -1.
+
+    ``width`` must be at least every row's count of True (a row with more would lose its last positions).
 
     Example:
-        >>> positions_from_mask(torch.tensor([[False, True, True], [True, False, False]])).tolist()
+        >>> positions_from_mask(torch.tensor([[False, True, True], [True, False, False]]), width=2).tolist()
         [[1, 2], [0, -1]]
     """
     index = torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen)
     big = torch.iinfo(torch.long).max
-    width = max(int(chosen.sum(dim=1).max()), 1) if chosen.numel() else 1
     ordered = index.masked_fill(~chosen, big).sort(dim=1).values[:, :width]
+    if ordered.shape[1] < width:  # fewer positions than the width: padded slots only
+        ordered = torch.nn.functional.pad(ordered, (0, width - ordered.shape[1]), value=big)
     return ordered.masked_fill(ordered == big, PAD_POSITION)
 
 
+def _width(width: int | None, budget: torch.Tensor) -> int:
+    """``width``, or when None the widest row's budget, read back from the device (at least 1)."""
+    return max(int(budget.max()), 1) if width is None and budget.numel() else width or 1
+
+
 def evenly_spaced(chosen: torch.Tensor, count: int) -> torch.Tensor:
-    """Up to ``count`` of each row's True positions, evenly spread over them, as [batch, <=count].
+    """Up to ``count`` of each row's True positions, evenly spread over them, as [batch, min(count, seq)] (-1 padded).
 
     Example:
-        >>> evenly_spaced(torch.ones(1, 10, dtype=torch.bool), 3).tolist()
-        [[0, 4, 7]]
+        >>> evenly_spaced(torch.tensor([[True] * 10, [True] + [False] * 9]), 3).tolist()
+        [[0, 4, 7], [0, -1, -1]]
     """
     rank = chosen.long().cumsum(dim=1) - 1
     total = chosen.sum(dim=1, keepdim=True).clamp(min=1)
     first_of_its_share = (rank * count).div(total, rounding_mode="floor") != ((rank - 1) * count).div(
         total, rounding_mode="floor"
     )
-    return positions_from_mask(chosen & first_of_its_share)
+    return positions_from_mask(chosen & first_of_its_share, min(count, chosen.shape[1]))
 
 
 def _uniform_scores(attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Uniform random scores in (0, 1), one per position, drawn on CPU from ``generator``."""
+    """Uniform random scores in (0, 1), one per position, drawn on CPU from ``generator``.
+
+    They reach an accelerator from pinned memory without blocking: the host does not wait for the device.
+    """
     scores = torch.rand(attention_mask.shape, generator=generator).clamp(min=torch.finfo(torch.float32).tiny)
-    return scores.to(attention_mask.device)
+    if attention_mask.device.type == "cpu":
+        return scores
+    return scores.pin_memory().to(attention_mask.device, non_blocking=True)
 
 
 def _top_counts(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

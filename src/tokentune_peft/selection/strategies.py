@@ -51,9 +51,11 @@ from .labels import IGNORE_INDEX, labels_per_position
 from .sampling import (
     evenly_spaced,
     last_real_positions,
+    positions_from_mask,
     sample_positions,
     sample_with_quota,
     selection_budget,
+    selection_width,
     validate_selected_positions,
 )
 
@@ -126,9 +128,10 @@ class TokenSelector:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         always = self.always_selected(model, input_ids, attention_mask)
-        budget = {"selection_ratio": self.selection_ratio, "num_selected": self.num_selected}
+        width = self.width(attention_mask.shape[1])
+        budget = {"selection_ratio": self.selection_ratio, "num_selected": self.num_selected, "width": width}
         if callable(self.strategy):
-            return self._custom(input_ids, attention_mask, labels, always, generator)
+            return self._custom(input_ids, attention_mask, labels, always, generator, width)
         if self.strategy == "supervised" and self.task_type != TaskType.SEQ_CLS:
             supervised = self._supervised(labels, attention_mask)
             return sample_with_quota(attention_mask, always, supervised, generator, self.uniform_share, **budget)
@@ -142,6 +145,19 @@ class TokenSelector:
                 attention_mask, always, generator, weights=self._mixed(scores, attention_mask), **budget
             )
         return sample_positions(attention_mask, always, generator, **budget)
+
+    def width(self, seq_len: int) -> int:
+        """The width of every selection of a batch of ``seq_len`` tokens: the most positions a row can get, known on
+        the host (:func:`~tokentune_peft.selection.sampling.selection_width`, or more always-selected tokens).
+
+        Example:
+            >>> TokenSelector("CAUSAL_LM", [0, 1, 2, 3], True, None, 2).width(seq_len=16)
+            4
+        """
+        width = selection_width(seq_len, self.selection_ratio, self.num_selected)
+        if isinstance(self.always_select, list):
+            return max(width, sum(index < seq_len for index in self.always_select))
+        return width
 
     def budget(
         self, model: nn.Module | None, input_ids: torch.Tensor | None, attention_mask: torch.Tensor
@@ -167,9 +183,9 @@ class TokenSelector:
         readers = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
         if labels is not None:
             readers = self._supervised(labels, attention_mask) & attention_mask.bool()
-        rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
-        unread = ~readers.any(dim=1)
-        readers[rows[unread], last_real_positions(attention_mask)[unread]] = True
+        unread = ~readers.any(dim=1, keepdim=True)
+        index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        readers |= unread & (index == last_real_positions(attention_mask)[:, None])
         return AttentionImportance(evenly_spaced(readers, MAX_READERS))
 
     def pass_one_scores(
@@ -204,8 +220,9 @@ class TokenSelector:
         elif choice == "last":
             always[rows, last_real_positions(attention_mask)] = True
         elif isinstance(choice, list):
-            index = torch.tensor([i for i in choice if i < seq_len], dtype=torch.long)
-            always[:, index.to(always.device)] = True
+            for index in choice:  # host integers: no index tensor to copy to the device
+                if index < seq_len:
+                    always[:, index] = True
         return always & attention_mask.bool()
 
     def head_positions(
@@ -241,7 +258,7 @@ class TokenSelector:
         uniform = real / real.sum(dim=1, keepdim=True).clamp(min=1)
         return (1 - self.uniform_share) * importance / total + self.uniform_share * uniform
 
-    def _custom(self, input_ids, attention_mask, labels, always, generator) -> torch.Tensor:
+    def _custom(self, input_ids, attention_mask, labels, always, generator, width: int) -> torch.Tensor:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "always_selected": always}
         if labels is not None:
             batch["labels"] = labels
@@ -259,7 +276,7 @@ class TokenSelector:
         picked = picked.scatter_(1, positions + 1, True)[:, 1:]  # column 0 catches the -1 padding
         if (always & ~picked).any():
             raise ValueError(f"The selector {name} left out positions of `batch['always_selected']`.")
-        return positions
+        return positions_from_mask(picked, width)  # the selection's width, whatever the selector's
 
 
 def build_selector(config, is_decoder: bool) -> TokenSelector:
