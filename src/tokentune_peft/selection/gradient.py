@@ -97,8 +97,8 @@ def gradient_scores(norms: torch.Tensor, meter: AttentionImportance) -> torch.Te
     readers = meter.readers
     reader_norms = norms.gather(1, readers.clamp(min=0)) * (readers >= 0)
     through_attention = meter.weighted_scores(reader_norms)
-    unlabelled = norms.sum(dim=1) == 0
-    through_attention[unlabelled] = meter.scores[unlabelled]
+    unlabelled = norms.sum(dim=1, keepdim=True) == 0
+    through_attention = torch.where(unlabelled, meter.scores, through_attention)
     return _row_normalised(norms) + _row_normalised(through_attention)
 
 
