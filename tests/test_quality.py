@@ -28,12 +28,17 @@ def test_learning_curve_records_validation_points_against_steps_and_training_sec
     curve = LearningCurve()
     state = type("State", (), {"global_step": 3, "max_steps": 3})()
     control = type("Control", (), {"should_evaluate": False})()
+    scheduler = type("Scheduler", (), {"get_last_lr": lambda self: [0.0]})()
+    curve.on_train_begin(None, state, control)
     curve.on_step_begin(None, state, control)
     assert curve.on_step_end(None, state, control).should_evaluate  # the last step is always evaluated
-    curve.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.5, "eval_runtime": 1.0})
+    curve.on_evaluate(None, state, control, metrics={"eval_accuracy": 0.5, "eval_runtime": 1.0}, lr_scheduler=scheduler)
     curve.on_evaluate(None, state, control, metrics={"test_accuracy": 0.6, "test_runtime": 1.0})  # not training's
     assert [(point["step"], point["eval_accuracy"]) for point in curve.points] == [(3, 0.5)]
     assert 0 < curve.points[0]["train_seconds"] == curve.train_seconds
+    assert curve.points[0]["learning_rate"] == 0.0
+    # The step's wall-clock runs from the start of training (later: from the step before), so it holds the train time.
+    assert len(curve.step_seconds) == 1 and curve.step_seconds[0] >= curve.train_seconds
 
 
 def test_grid_table_marks_a_rate_chosen_at_the_grid_edge():

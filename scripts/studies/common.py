@@ -28,26 +28,41 @@ class LearningCurve(TrainerCallback):
     the last step too. Evaluations with another ``metric_key_prefix`` (a test split after training) are
     not recorded.
 
+    Each point also holds the learning rate the scheduler has reached. ``step_seconds`` holds each step's
+    wall-clock from the end of the step before, so that fetching the batch and choosing its positions count too
+    (the first step's from the start of training; an evaluation's time is left out).
+
     Example:
         >>> curve = LearningCurve()
-        >>> curve.points
-        []
+        >>> curve.points, curve.step_seconds
+        ([], [])
     """
 
     def __init__(self) -> None:
         self.points: list[dict] = []
         self.train_seconds = 0.0
+        self.step_seconds: list[float] = []
         self._step_start: float | None = None
+        self._last_end: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_end = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.train_seconds += time.perf_counter() - self._step_start
+        now = time.perf_counter()
+        self.train_seconds += now - self._step_start
+        self.step_seconds.append(now - self._last_end)
+        self._last_end = now
         if state.global_step == state.max_steps:
             control.should_evaluate = True
         return control
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, lr_scheduler=None, **kwargs):
         if "eval_runtime" in metrics:  # TRL adds `eval_`-named keys to every evaluation: test by the runtime's
-            self.points.append({"step": state.global_step, "train_seconds": self.train_seconds, **metrics})
+            rate = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else None
+            point = {"step": state.global_step, "train_seconds": self.train_seconds, "learning_rate": rate}
+            self.points.append({**point, **metrics})
+        self._last_end = time.perf_counter()  # the next step's clock starts after the evaluation
