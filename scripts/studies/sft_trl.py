@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 from peft import LoraConfig
@@ -21,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 from tokentune_peft import TokenTuneConfig, keep_4bit_layers_trainable, saved_activation_bytes
+from tokentune_peft.cli.model_configs import llama_config
 from tokentune_peft.cli.offline import load_chatterbot_pairs, smollm2_path
 from tokentune_peft.cli.train import hide_peft_deprecation_warning
 from tokentune_peft.memory import MIB
@@ -31,6 +35,9 @@ from tokentune_peft.sft_trainer import TokenTuneSFTTrainer
 class SFTStudyArguments:
     """What this script sets; every ``SFTConfig`` field can be given on the command line too."""
 
+    model_name: str = field(
+        default="smollm2", metadata={"help": "'smollm2', or 'tiny-llama' (random, SmolLM2's tokenizer) for CI."}
+    )
     tokentune: bool = field(default=True, metadata={"help": "Train with TokenTune (False: TRL's own LoRA run)."})
     selection_ratio: float = field(default=0.3, metadata={"help": "TokenTune's share of tokens with gradient."})
     selection: str = field(default="uniform", metadata={"help": "'uniform', 'supervised', 'importance' or 'gradient'."})
@@ -54,11 +61,47 @@ def conversations(split, samples: int):
     )
 
 
-def activation_mib(trainer: SFTTrainer) -> dict[str, float | None]:
-    """Saved activations of one training step on the first batch: LoRA alone, and TokenTune + LoRA when the
-    trainer is TokenTune's (None otherwise)."""
+MODEL_NAMES = ("smollm2", "tiny-llama")
+#: Layers of the tiny Llama: enough for the studies' 4 dense top layers to leave some below.
+TINY_LLAMA_LAYERS = 6
+
+
+@cache
+def tiny_llama_path() -> str:
+    """A folder holding a tiny random Llama ("llama-tiny" sizes with :data:`TINY_LLAMA_LAYERS` layers, seed 0)
+    with SmolLM2's tokenizer and chat template, written once beside SmolLM2's folder: from a folder it loads in
+    4 bits too (its sizes are multiples of 32, as bitsandbytes' 4-bit layers need).
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_path())
+    """
+    folder = os.path.join(os.path.dirname(smollm2_path()), f"tiny-llama-{TINY_LLAMA_LAYERS}-layers-smollm2-tokenizer")
+    if os.path.isdir(folder):
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    set_seed(0)
+    config = llama_config("llama-tiny", vocab_size=len(tokenizer), num_hidden_layers=TINY_LLAMA_LAYERS)
+    model = AutoModelForCausalLM.from_config(config)
+    partial = tempfile.mkdtemp(prefix=".tiny-llama-partial-", dir=os.path.dirname(folder))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.rename(partial, folder)
+    except OSError:
+        if not os.path.isdir(folder):  # else another process wrote it first
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def activation_mib(trainer: SFTTrainer, batch: dict | None = None) -> dict[str, float | None]:
+    """Saved activations of one training step on ``batch`` (default: the first training batch): LoRA alone, and
+    TokenTune + LoRA when the trainer is TokenTune's (None otherwise)."""
     model = trainer.model
-    (batch,), _ = trainer.get_batch_samples(iter([next(iter(trainer.get_train_dataloader()))]), 1, model.device)
+    batch = next(iter(trainer.get_train_dataloader())) if batch is None else batch
+    (batch,), _ = trainer.get_batch_samples(iter([batch]), 1, model.device)
     batch = {key: value for key, value in batch.items() if torch.is_tensor(value)}
     tokentune = None
     if isinstance(trainer, TokenTuneSFTTrainer):
@@ -76,10 +119,12 @@ def activation_mib(trainer: SFTTrainer) -> dict[str, float | None]:
 def build_trainer(
     study: SFTStudyArguments, args: SFTConfig, train_dataset, eval_dataset, callbacks: list | None = None
 ) -> SFTTrainer:
-    """SmolLM2-135M-Instruct with LoRA (on a 4-bit base for QLoRA) in TRL's trainer: TokenTune's when
-    ``study.tokentune``, TRL's own ``SFTTrainer`` otherwise."""
+    """SmolLM2-135M-Instruct (or the tiny Llama of ``study.model_name``) with LoRA (on a 4-bit base for QLoRA) in
+    TRL's trainer: TokenTune's when ``study.tokentune``, TRL's own ``SFTTrainer`` otherwise."""
+    if study.model_name not in MODEL_NAMES:
+        raise ValueError(f"`model_name` must be one of {MODEL_NAMES}; got {study.model_name!r}.")
     set_seed(args.seed)
-    folder = smollm2_path()
+    folder = smollm2_path() if study.model_name == "smollm2" else tiny_llama_path()
     quantization = None
     if study.load_in_4bit:
         quantization = BitsAndBytesConfig(
