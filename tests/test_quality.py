@@ -1,16 +1,26 @@
 """The quality study's quick mode: learning curves, a learning rate chosen on validation, seeds at that rate,
-runs kept and skipped when the study is run again, and a report of what exists and what is missing."""
+runs kept and skipped when the study is run again, a report of what exists and what is missing, and the equal-time
+parts: steps from a calibration sitting, activation memory from a memory sitting."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
 from helpers import offline_installed
 from scripts.studies import quality
 from scripts.studies.common import LearningCurve
-from scripts.studies.quality_report import TARGETS, VIEWS, frontier, grid_table, target_line
+from scripts.studies.quality_report import (
+    TARGETS,
+    VIEWS,
+    frontier,
+    grid_table,
+    summary_rows,
+    summary_table,
+    target_line,
+)
 
 
 def quick(tmp_path, *extra: str) -> None:
@@ -61,7 +71,7 @@ def row(method: str, test_mean: float, activation_mib: float, train_seconds: flo
             "train_seconds": train_seconds}  # fmt: skip
 
 
-@pytest.mark.parametrize("part", ["classification", "sft"])
+@pytest.mark.parametrize("part", ["classification", "sft", "classification_equal_time", "sft_equal_time"])
 def test_every_method_but_the_references_is_compared_with_one(part):
     """A method left out of its view's references would show no gap and could never meet a target."""
     methods = {method.name for method in quality.PARTS[part].methods}
@@ -95,6 +105,44 @@ def test_a_target_is_met_missed_or_open_within_the_memory_cap():
     assert "**missed**" in over_cap and "TokenTune 0.5: 83.00 ± 0.50 (+0.00 points), 50% of the memory" in over_cap
     assert "over the memory cap" in over_cap
     assert "not measured" in line(row("TokenTune 0.3, dense 1", 0.83, 150, seeds=2))
+
+
+def test_an_equal_time_target_needs_five_seeds_and_at_least_the_reference_metric():
+    view, (target,) = VIEWS["sft_equal_time"], TARGETS["sft_equal_time"]
+
+    def line(candidate: dict, reference_seeds: int = 5) -> str:
+        rows = {r["method"]: r for r in (row("LoRA", 1.850, 800, seeds=reference_seeds), candidate)}
+        return target_line(target, rows, view)
+
+    assert "**met**" in line(row("LoRA + TokenTune 0.3, gradient", 1.849, 300, seeds=5))
+    assert "**missed**" in line(row("LoRA + TokenTune 0.3, gradient", 1.851, 300, seeds=5))  # 0.05% over LoRA's
+    assert "over the memory cap" in line(row("LoRA + TokenTune 0.3, gradient", 1.80, 330, seeds=5))  # 41%
+    assert "not measured (no TokenTune configuration with 5 seeds)" in line(
+        row("LoRA + TokenTune 0.1, gradient", 1.8, 100)
+    )
+    assert "not measured (5 seeds of LoRA needed)" in line(row("LoRA + TokenTune 0.1, gradient", 1.8, 100, seeds=5), 3)
+    (classification,) = TARGETS["classification_equal_time"]
+    rows = {
+        r["method"]: r
+        for r in (row("full fine-tuning", 0.830, 300, seeds=5), row("TokenTune 0.3", 0.826, 120, seeds=5))
+    }
+    assert "within 0.5 point of full fine-tuning" in target_line(
+        classification, rows, VIEWS["classification_equal_time"]
+    )
+    assert "**met**" in target_line(classification, rows, VIEWS["classification_equal_time"])
+
+
+def test_a_row_takes_its_longest_batch_memory_where_measured_else_its_runs_first_batches():
+    runs = [
+        {"method": "LoRA", "seed": seed, "learning_rate": 1e-3, "test": {"loss": 2.0}, "train_seconds": 5.0,
+         "curve": [{"step": 10, "eval_loss": 2.1}], "activation_mib": first_batch}
+        for seed, first_batch in ((0, 600.0), (1, 1200.0))
+    ]  # fmt: skip
+    (fixed,) = summary_rows({"LoRA": runs}, VIEWS["sft"], {"LoRA": {"activation_mib": 700.0, "batch": [8, 128]}})
+    assert fixed["activation_by_seed"] == {0: 700.0, 1: 700.0} and fixed["activation_mib"] == 700.0
+    (first,) = summary_rows({"LoRA": runs}, VIEWS["sft"], {})
+    assert first["activation_by_seed"] == {0: 600.0, 1: 1200.0} and first["activation_mib"] == 900.0
+    assert "| 900.0 * |" in summary_table([first], VIEWS["sft"]) and "| 700.0 |" in summary_table([fixed], VIEWS["sft"])
 
 
 def test_the_memory_share_compares_the_seeds_both_methods_ran():
@@ -196,3 +244,83 @@ def test_quick_sft_study_runs_each_method_through_trl(tmp_path):
     assert memory["LoRA, gradient checkpointing"] < memory["LoRA"]
     report = (tmp_path / "quality.md").read_text()
     assert "- SFT, two epochs: not measured (3 seeds of LoRA needed)." in report
+
+
+EQUAL_TIME = {"classification_equal_time": ("classification", 4), "sft_equal_time": ("sft", 2)}  # data, quick steps
+
+
+@pytest.mark.skipif(not offline_installed, reason="needs requirements-offline.txt (scripts/setup.sh installs it)")
+def test_quick_equal_time_parts_train_each_method_for_its_calibrated_share_of_the_reference_time(tmp_path, monkeypatch):
+    equal_time = ("--parts", *EQUAL_TIME, "--seeds", "0", "1")
+    # Full fine-tuning's classification runs, made before: the equal-time part takes them as its reference's.
+    quick(tmp_path, "--parts", "classification", "--methods", "classification: full fine-tuning", "--seeds", "0", "1")
+    quick(tmp_path, *equal_time)  # no calibration yet: only the references train (or are copied)
+    copied = runs_of(tmp_path, "classification_equal_time")
+    assert len(copied) == 3 and all(
+        run["copied_from"].startswith("runs/classification/full_fine-tuning/") for run in copied
+    )
+    assert {run["method"] for run in runs_of(tmp_path, "sft_equal_time")} == {"LoRA"}
+    needs = (
+        "(needs the calibrated step seconds of LoRA and the calibrated step seconds of LoRA + TokenTune 0.1, gradient)"
+    )
+    assert f"- sft_equal_time: LoRA + TokenTune 0.1, gradient {needs}" in (tmp_path / "quality.md").read_text()
+
+    quick(tmp_path, *equal_time, "--sitting", "calibrate")
+    calibration = json.loads((tmp_path / "quality" / "step_seconds.json").read_text())
+    for part in EQUAL_TIME:
+        assert list(calibration[part]) == [method.name for method in quality.PARTS[part].methods]
+        for entry in calibration[part].values():  # 1 warm-up step dropped, 2 timed
+            assert len(entry["step_seconds"]) == 2 and entry["median_step_seconds"] == statistics.median(
+                entry["step_seconds"]
+            )
+    assert len(runs_of(tmp_path, "sft_equal_time")) == 3  # a calibration sitting trains nothing
+
+    quick(tmp_path, *equal_time)
+    for part, (_, reference_steps) in EQUAL_TIME.items():
+        seconds = {name: entry["median_step_seconds"] for name, entry in calibration[part].items()}
+        reference = quality.PARTS[part].time_of
+        for run in runs_of(tmp_path, part):
+            if run["method"] == reference:  # its part's epochs (the quick runs' steps)
+                assert "equal_time" not in run and run["curve"][-1]["step"] == reference_steps
+                continue
+            steps = max(1, round(reference_steps * seconds[reference] / seconds[run["method"]]))
+            assert run["equal_time"]["steps"] == steps == run["curve"][-1]["step"]
+            assert run["equal_time"]["budget_seconds"] == reference_steps * seconds[reference]
+            # The learning-rate schedule spans those steps: it reaches 0 at the last one, not before.
+            assert run["curve"][-1]["learning_rate"] == 0.0 and all(p["learning_rate"] > 0 for p in run["curve"][:-1])
+    results = json.loads((tmp_path / "quality" / "results.json").read_text())
+    for part in EQUAL_TIME:
+        rows = results["summary"][part]
+        assert [row["method"] for row in rows] == [method.name for method in quality.PARTS[part].methods]
+        assert all(row["seeds"] == [0, 1] and row["activation_batch"] == "first" for row in rows)
+        for view in ("frontier_memory", "frontier_seconds"):
+            assert (tmp_path / "quality" / f"{part}_{view}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "quality.md").read_text()
+    assert "### Steps at LoRA's wall-clock" in report and "### Steps at full fine-tuning's wall-clock" in report
+
+    quick(tmp_path, *equal_time, "--sitting", "memory")
+    memory = json.loads((tmp_path / "quality" / "activation_memory.json").read_text())
+    results = json.loads((tmp_path / "quality" / "results.json").read_text())
+    for part, (data, _) in EQUAL_TIME.items():
+        for row in results["summary"][part]:  # one measurement per method: the same for every seed
+            fixed = memory[data][row["method"]]
+            assert row["activation_batch"] == "longest" and set(row["activation_by_seed"].values()) == {
+                fixed["activation_mib"]
+            }
+    assert memory["classification"]["full fine-tuning"]["batch"][0] == 16 and memory["sft"]["LoRA"]["batch"][0] == 4
+
+    def measured_again(*args):
+        raise AssertionError("a finished run or measurement was made again")
+
+    for part in EQUAL_TIME:
+        monkeypatch.setitem(quality.RUNNERS, part, measured_again)
+    for data in ("classification", "sft"):
+        monkeypatch.setitem(quality.MEMORY_MEASURES, data, measured_again)
+    for sitting in ("train", "calibrate", "memory"):
+        quick(tmp_path, *equal_time, "--sitting", sitting)
+    assert json.loads((tmp_path / "quality" / "results.json").read_text())["summary"] == results["summary"]
+
+    calibration["sft_equal_time"]["LoRA + TokenTune 0.1, gradient"]["median_step_seconds"] *= 3
+    (tmp_path / "quality" / "step_seconds.json").write_text(json.dumps(calibration))
+    with pytest.raises(ValueError, match="step_seconds.json or the reference's runs changed since"):
+        quick(tmp_path, *equal_time)

@@ -13,12 +13,19 @@ memory? Learning curves, a learning rate chosen per method on validation data, t
   chose for it: do the curves flatten, and does the gap close with more passes over the data?
 * **supervised fine-tuning** through TRL's ``SFTTrainer``, SmolLM2-135M-Instruct on the chatterbot
   training pairs (a validation split carved from them): LoRA, LoRA + TokenTune 0.3 (uniform, supervised
-  and gradient selection; supervised with 2 and 4 dense top layers, uniform with 2), QLoRA + TokenTune 0.3, and as
-  competitors LoRA with gradient checkpointing and QLoRA alone; validation answer loss against steps and
-  seconds, and the held-out (test) answer loss after training.
+  and gradient selection; supervised with 2 and 4 dense top layers, uniform with 2), QLoRA + TokenTune 0.3
+  (uniform and gradient selection), and as competitors LoRA with gradient checkpointing and QLoRA alone;
+  validation answer loss against steps and seconds, and the held-out (test) answer loss after training.
+* **equal time** (``classification_equal_time``, ``sft_equal_time``): each method trains for the wall-clock of
+  the reference's run (full fine-tuning's one classification epoch, LoRA's two SFT epochs), turned into a number
+  of steps from median step seconds measured once, in a calibration sitting on a quiet machine, and kept in
+  ``<output_dir>/step_seconds.json``: the steps, and the learning-rate schedule over them, do not depend on
+  the noise of the sitting that trains. The reference's runs are its runs in the equal-steps part.
 
 The report draws each part's frontier (test metric against activation memory and training time) and
-checks the targets of issue 22.
+checks the targets of issues 22 and 37. Activation memory is one training step on the training split's
+longest batch, the same for every method of a part, measured once per method (a memory sitting, kept in
+``<output_dir>/activation_memory.json``); a method without that measurement shows its runs' first batches.
 
 For each method the learning rates of its grid are tried at ``grid_seed``; the one with the best final
 validation metric is then run with the other seeds. Every finished run is written to
@@ -26,6 +33,8 @@ validation metric is then run with the other seeds. Every finished run is writte
 resumes where it stopped; the report is written from the runs that exist and lists those still missing.
 
     python -m scripts.studies.quality --max_minutes 60       # resumable; writes docs/quality.md and docs/quality/
+    python -m scripts.studies.quality --sitting calibrate --parts sft_equal_time classification_equal_time
+    python -m scripts.studies.quality --sitting memory        # the longest batch's activation memory, every method
     python -m scripts.studies.quality --quick --output_dir /tmp/quality --report_path /tmp/quality.md
 """
 
@@ -35,18 +44,17 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
+import torch
 from transformers import HfArgumentParser
-from trl import SFTConfig
 
-from tokentune_peft.cli.offline import load_chatterbot_pairs
-
-from scripts.common import CONFIG_DIR, command_line, run_setting
-from scripts.studies.common import LearningCurve
+from scripts.common import command_line, machine_description
 from scripts.studies.quality_report import write_study_report
-from scripts.studies.sft_trl import SFTStudyArguments, activation_mib, build_trainer, conversations
+from scripts.studies.quality_runners import MEMORY_MEASURES, classification_run, convergence_run, sft_run
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,13 @@ SFT_METHODS = (
     ),
     # The better of dense 2 and dense 4 under supervised selection (dense 2: lower loss, less memory), uniform.
     Method("LoRA + TokenTune 0.3, dense 2", {"selection_ratio": 0.3, "dense_top_layers": 2}, SFT_UPPER_GRID),
+    # The best selection over 4-bit weights (issue 37), at LoRA + TokenTune 0.3, gradient's rate.
+    Method(
+        "QLoRA + TokenTune 0.3, gradient",
+        {"selection_ratio": 0.3, "selection": "gradient", "load_in_4bit": True},
+        learning_rate_of="LoRA + TokenTune 0.3, gradient",
+        seeds=(0, 1, 2),
+    ),
 )
 #: The main classification comparisons, trained longer at the rates the classification part chose.
 CONVERGENCE_METHODS = tuple(
@@ -152,23 +167,82 @@ CONVERGENCE_METHODS = tuple(
 )
 
 
+def method_named(methods: tuple[Method, ...], name: str, **changes) -> Method:
+    """The method called ``name`` among ``methods``, with ``changes`` to its fields (its grid, its seeds).
+
+    Example:
+        >>> method_named(SFT_METHODS, "LoRA", seeds=(0,)).settings, method_named(SFT_METHODS, "LoRA", seeds=(0,)).seeds
+        ({'tokentune': False}, (0,))
+    """
+    return replace(next(method for method in methods if method.name == name), **changes)
+
+
+#: Equal time (issue 37), the same configurations as at equal steps: the reference and the TokenTune methods that
+#: may meet a target run 5 seeds; the learning rates are chosen again, as more steps may want another rate.
+CLASSIFICATION_EQUAL_TIME_METHODS = (
+    method_named(CLASSIFICATION_METHODS, "full fine-tuning", seeds=FIVE_SEEDS),
+    method_named(CLASSIFICATION_METHODS, "TokenTune 0.3, gradient", seeds=FIVE_SEEDS),
+    method_named(CLASSIFICATION_METHODS, "TokenTune 0.3", seeds=FIVE_SEEDS),
+    method_named(CLASSIFICATION_METHODS, "TokenTune 0.1, gradient", seeds=FIVE_SEEDS),
+    method_named(CLASSIFICATION_METHODS, "full fine-tuning, gradient checkpointing"),
+)
+SFT_EQUAL_TIME_METHODS = (
+    method_named(SFT_METHODS, "LoRA"),
+    # Every SFT method chose 1e-3 or 2e-3 at equal steps: the grid around them.
+    method_named(SFT_METHODS, "LoRA + TokenTune 0.3, gradient", learning_rates=SFT_UPPER_GRID),
+    method_named(SFT_METHODS, "LoRA + TokenTune 0.3, supervised", learning_rates=SFT_UPPER_GRID, seeds=FIVE_SEEDS),
+    Method(
+        "LoRA + TokenTune 0.1, gradient",
+        {"selection_ratio": 0.1, "selection": "gradient"},
+        SFT_UPPER_GRID,
+        seeds=FIVE_SEEDS,
+    ),
+    # Checkpointing costs time: fewer steps than LoRA's.
+    method_named(SFT_METHODS, "LoRA, gradient checkpointing", seeds=None),
+)
+
+
 @dataclass(frozen=True)
 class Part:
-    """A part of the study: its methods, the validation metric that chooses learning rates, and the part
-    whose chosen rates its methods' ``learning_rate_of`` names (its own when None)."""
+    """A part of the study: its methods, the validation metric that chooses learning rates, the kind of data its
+    runs train on (:data:`scripts.studies.quality_runners.MEMORY_MEASURES`), the part whose chosen rates its methods'
+    ``learning_rate_of`` names (its own when None), and for an equal-time part the method whose wall-clock every
+    method gets."""
 
     methods: tuple[Method, ...]
     metric: str
     sign: int  # 1 when a higher metric is better, -1 when lower is
+    data: str  # "classification" or "sft"; also the equal-steps part an equal-time part's reference comes from
     rates_from: str | None = None
+    time_of: str | None = None
+
+    def __post_init__(self):
+        if self.time_of is not None and self.methods[0].name != self.time_of:
+            raise ValueError(f"`time_of` ({self.time_of!r}) must be the first method: the others' steps need its runs.")
 
 
 #: In the order they run: a part that takes another's learning rates comes after it.
 PARTS = {
-    "classification": Part(CLASSIFICATION_METHODS, "eval_accuracy", 1),
-    "convergence": Part(CONVERGENCE_METHODS, "eval_accuracy", 1, rates_from="classification"),
-    "sft": Part(SFT_METHODS, "eval_loss", -1),
+    "classification": Part(CLASSIFICATION_METHODS, "eval_accuracy", 1, "classification"),
+    "convergence": Part(CONVERGENCE_METHODS, "eval_accuracy", 1, "classification", rates_from="classification"),
+    "sft": Part(SFT_METHODS, "eval_loss", -1, "sft"),
+    "classification_equal_time": Part(
+        CLASSIFICATION_EQUAL_TIME_METHODS, "eval_accuracy", 1, "classification", time_of="full fine-tuning"
+    ),
+    "sft_equal_time": Part(SFT_EQUAL_TIME_METHODS, "eval_loss", -1, "sft", time_of="LoRA"),
 }
+#: One run of a part: ``(arguments, method, learning rate, seed, scratch folder, steps or None) -> measurements``.
+RUNNERS: dict[str, Callable[..., dict]] = {
+    "classification": classification_run,
+    "convergence": convergence_run,
+    "sft": sft_run,
+    "classification_equal_time": classification_run,
+    "sft_equal_time": sft_run,
+}
+#: Files in ``output_dir``: the median step seconds of the equal-time parts' methods, and the activation memory of
+#: every method on its data's longest batch.
+STEP_SECONDS_FILE, MEMORY_FILE = "step_seconds.json", "activation_memory.json"
+SITTINGS = ("train", "calibrate", "memory")
 
 
 @dataclass
@@ -200,13 +274,27 @@ class QualityArguments:
     methods: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Train only the runs of these methods, each named as `name` or `part: name` (the others are "
-            "read from their files where they exist, and listed as missing where not). Default: every method."
+            "help": "Train (or calibrate, or measure) only these methods, each named as `name` or `part: name` (the "
+            "others' runs are read from their files where they exist, and listed as missing where not). Default: "
+            "every method."
         },
     )
     max_minutes: float | None = field(
         default=None, metadata={"help": "Start no new run after this many minutes; run again to resume."}
     )
+    sitting: str = field(
+        default="train",
+        metadata={
+            "help": "What this sitting does before writing the report: 'train' the runs still missing; 'calibrate': "
+            "measure the median step seconds of the equal-time parts' methods not yet measured (on a quiet machine), "
+            "and train nothing; 'memory': measure each method's activation memory on the longest batch where not "
+            "yet measured, and train nothing."
+        },
+    )
+    calibration_warmup_steps: int = field(
+        default=3, metadata={"help": "Calibration: steps run before the timed ones (not timed)."}
+    )
+    calibration_steps: int = field(default=20, metadata={"help": "Calibration: timed steps, whose median is kept."})
     quick: bool = field(
         default=False, metadata={"help": "Tiny models and slices, a few steps, two rates per grid: for CI."}
     )
@@ -215,6 +303,8 @@ class QualityArguments:
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise ValueError(f"`parts` must be among {tuple(PARTS)}; got {sorted(unknown)}.")
+        if self.sitting not in SITTINGS:
+            raise ValueError(f"`sitting` must be one of {SITTINGS}; got {self.sitting!r}.")
         for part in self.parts:
             source = PARTS[part].rates_from
             if source is not None and source not in self.parts:
@@ -228,134 +318,137 @@ def run_file(args: QualityArguments, part: str, method: Method, learning_rate: f
     return os.path.join(args.output_dir, "runs", part, slug, f"lr{learning_rate:g}_seed{seed}.json")
 
 
-def classification_run(
-    args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str, epochs: float | None = None
-) -> dict:
-    """One MiniLM (tiny BERT when quick) run through the recipe code, with its validation curve; over
-    ``args.epochs`` unless ``epochs`` is given."""
-    config = "tiny_bert_rotten_tomatoes.yaml" if args.quick else "minilm_rotten_tomatoes_tokentune.yaml"
-    overrides = {
-        **method.settings,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "num_train_epochs": args.epochs if epochs is None else epochs,
-        "eval_strategy": "steps",
-        "eval_steps": args.eval_steps,
-        "logging_steps": args.eval_steps,
-        "save_strategy": "no",
-        "output_dir": scratch,
-    }
-    if args.train_samples is not None:
-        overrides["train_samples"] = args.train_samples
-    if args.quick:
-        overrides.update(max_steps=4, eval_steps=2, train_samples=32, eval_samples=16)
-    curve = LearningCurve()
-    flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
-    outcome = run_setting(method.name, seed, os.path.join(CONFIG_DIR, config), flags, curve)
-    results = outcome["results"]
-    return {
-        "curve": curve.points,
-        "test": {"accuracy": results["after"]["test_accuracy"], "accuracy_before": results["before"]["test_accuracy"]},
-        "activation_mib": results["activation_memory"]["step_mib"],
-        "train_seconds": curve.train_seconds,
-        "wall_seconds": outcome["wall_seconds"],
-    }
+def read_json(path: str) -> dict:
+    """The JSON object in ``path``; empty when there is no such file."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
 
 
-def convergence_run(args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str) -> dict:
-    """A classification run over ``args.convergence_epochs``."""
-    return classification_run(args, method, learning_rate, seed, scratch, epochs=args.convergence_epochs)
+def write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=1)
 
 
-def sft_run(args: QualityArguments, method: Method, learning_rate: float, seed: int, scratch: str) -> dict:
-    """One SmolLM2 run through TRL's trainer: validation answer loss along training, test loss at the end."""
-    pairs = load_chatterbot_pairs(seed=0)
-    train, test = pairs["train"], pairs["test"]
-    if args.quick:
-        train, test = train.select(range(24)), test.select(range(8))
-    carved = train.train_test_split(test_size=8 if args.quick else args.sft_validation_pairs, shuffle=False)
-    settings = dict(method.settings)
-    checkpointing = settings.pop("gradient_checkpointing", False)
-    study = SFTStudyArguments(train_samples=0, **settings)
-    sft_config = SFTConfig(
-        output_dir=scratch,
-        learning_rate=learning_rate,
-        seed=seed,
-        num_train_epochs=args.sft_epochs,
-        max_steps=2 if args.quick else -1,
-        per_device_train_batch_size=args.sft_batch_size,
-        per_device_eval_batch_size=16,
-        max_length=args.sft_max_length,
-        eval_strategy="steps",
-        eval_steps=1 if args.quick else args.sft_eval_steps,
-        logging_steps=1 if args.quick else args.sft_eval_steps,
-        warmup_steps=0 if args.quick else args.sft_warmup_steps,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,  # SFTConfig's default; the CPU runs here are fp32
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-    )
-    curve = LearningCurve()
-    start = time.perf_counter()
-    trainer = build_trainer(
-        study, sft_config, conversations(carved["train"], 0), conversations(carved["test"], 0), [curve]
-    )
-    if checkpointing:  # the Trainer turns it on in train(); on now, so that the measured step checkpoints too
-        trainer.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=sft_config.gradient_checkpointing_kwargs
-        )
-        trainer.model.train()  # transformers checkpoints in training mode only
-    memory = activation_mib(trainer)
-    trainer.train()
-    test_loss = trainer.evaluate(conversations(test, 0), metric_key_prefix="test")["test_loss"]
-    return {
-        "curve": curve.points,
-        "test": {"loss": test_loss},
-        "activation_mib": memory["tokentune_lora_mib"] or memory["lora_mib"],
-        "train_seconds": curve.train_seconds,
-        "wall_seconds": time.perf_counter() - start,
-    }
+def any_learning_rate(part: str, method: Method) -> float:
+    """A rate of ``method``'s grid, or of the grid of the method whose rate it takes: a calibration or a memory
+    measurement does not depend on it.
 
-
-RUNNERS = {"classification": classification_run, "convergence": convergence_run, "sft": sft_run}
+    Example:
+        >>> any_learning_rate("sft", method_named(SFT_METHODS, "QLoRA"))  # LoRA's grid
+        0.00025
+    """
+    if method.learning_rates:
+        return method.learning_rates[0]
+    source = PARTS[part].rates_from or part
+    return any_learning_rate(source, method_named(PARTS[source].methods, method.learning_rate_of))
 
 
 class Study:
-    """The runs of a study: each loaded from its file if it exists, else trained and written (budget allowing)."""
+    """The runs of a study: each loaded from its file if it exists, else trained and written (budget allowing);
+    and the measurements of the calibration and memory sittings, kept in their files."""
 
-    def __init__(self, args: QualityArguments) -> None:
+    def __init__(self, args: QualityArguments, command: str) -> None:
         self.args = args
+        self.command = command
         self.deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
         self.runs: dict[str, dict] = {}  # by file: the grid seed's run at the chosen rate is read twice
         self.missing: list[str] = []
+        self.step_seconds = read_json(self.path(STEP_SECONDS_FILE))
+        self.memory = read_json(self.path(MEMORY_FILE))
 
-    def run(self, part: str, method: Method, learning_rate: float, seed: int) -> dict | None:
+    def path(self, name: str) -> str:
+        return os.path.join(self.args.output_dir, name)
+
+    def run(self, part: str, method: Method, learning_rate: float, seed: int, plan: dict | None = None) -> dict | None:
+        """The run's record: read, copied from the equal-steps part (an equal-time reference), or trained.
+        ``plan``: an equal-time run's steps and how they were derived (:meth:`equal_time_plan`); None: the
+        part's epochs."""
         path = run_file(self.args, part, method, learning_rate, seed)
         if os.path.exists(path):
-            with open(path) as handle:
-                record = json.load(handle)
+            record = read_json(path)
+            if record.get("equal_time") != plan:
+                raise ValueError(
+                    f"{path} was trained to the plan {record.get('equal_time')}, and the calibration now gives "
+                    f"{plan}: {STEP_SECONDS_FILE} or the reference's runs changed since. Restore them, or delete "
+                    f"the part's runs to train them again."
+                )
+        elif (record := self.equal_steps_run(part, method, learning_rate, seed)) is not None:
+            write_json(path, record)
         elif not self.trains(part, method) or (self.deadline is not None and time.time() > self.deadline):
             self.missing.append(f"{part}: {method.name}, learning rate {learning_rate:g}, seed {seed}")
             return None
         else:
             print(f"[quality] {part}: {method.name}, learning rate {learning_rate:g}, seed {seed}", flush=True)
-            scratch = os.path.join(self.args.scratch_dir, os.path.relpath(path, self.args.output_dir))
-            measured = RUNNERS[part](self.args, method, learning_rate, seed, scratch)
-            shutil.rmtree(scratch, ignore_errors=True)
-            gc.collect()  # the run's trainer and model sit in reference cycles: free them before the next run
+            steps = None if plan is None else plan["steps"]
+            name = os.path.relpath(path, self.args.output_dir)
+            measured = self.in_scratch(name, RUNNERS[part], method, learning_rate, seed, steps)
             record = {"part": part, "method": method.name, "learning_rate": learning_rate, "seed": seed, **measured}
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as handle:
-                json.dump(record, handle, indent=1)
+            if plan is not None:
+                record["equal_time"] = plan
+            write_json(path, record)
         self.runs[path] = record
         return record
 
-    def trains(self, part: str, method: Method) -> bool:
-        """Whether this sitting may train runs of ``method`` in ``part`` (``QualityArguments.methods``)."""
+    def in_scratch(self, name: str, measure: Callable, method: Method, learning_rate: float, seed: int, *more) -> dict:
+        """``measure(args, method, learning_rate, seed, scratch, *more)``, a run or a measurement, with its
+        checkpoints in a scratch folder deleted afterwards."""
+        scratch = os.path.join(self.args.scratch_dir, name)
+        try:
+            return measure(self.args, method, learning_rate, seed, scratch, *more)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            gc.collect()  # the trainer and model sit in reference cycles: free them before the next one
+
+    def selected(self, part: str, method: Method) -> bool:
+        """Whether this sitting may train or measure ``method`` in ``part`` (``QualityArguments.methods``)."""
         names = self.args.methods
         return names is None or method.name in names or f"{part}: {method.name}" in names
+
+    def trains(self, part: str, method: Method) -> bool:
+        """Whether this sitting may train runs of ``method`` in ``part``."""
+        return self.args.sitting == "train" and self.selected(part, method)
+
+    def equal_steps_run(self, part: str, method: Method, learning_rate: float, seed: int) -> dict | None:
+        """The run of an equal-time part's reference in its equal-steps part, where made, as a run of ``part`` that
+        names its source: the reference trains there as here (same trainer, data and epochs). None otherwise."""
+        settings = PARTS[part]
+        source = run_file(self.args, settings.data, method, learning_rate, seed)
+        if method.name != settings.time_of or not os.path.exists(source):
+            return None
+        return {**read_json(source), "part": part, "copied_from": os.path.relpath(source, self.args.output_dir)}
+
+    def equal_time_plan(self, part: str, method: Method) -> dict | None:
+        """The steps ``method`` trains in the equal-time ``part``: as many as fit the reference's wall-clock (the
+        steps of its runs times its median step seconds) at its own median step seconds, both calibrated. None,
+        and the reason listed as missing, while a figure is not there yet.
+
+        Every run of the plan records it, so its steps can be traced to the calibration.
+        """
+        reference = PARTS[part].time_of
+        calibrated = self.step_seconds.get(part, {})
+        lacking = [name for name in (reference, method.name) if name not in calibrated]
+        needs = [f"the calibrated step seconds of {name}" for name in lacking]
+        finished = [r for r in self.runs.values() if r["part"] == part and r["method"] == reference]
+        if not finished:
+            needs.append(f"a finished run of {reference}")
+        if needs:
+            self.missing.append(f"{part}: {method.name} (needs {' and '.join(needs)})")
+            return None
+        reference_steps = finished[0]["curve"][-1]["step"]
+        reference_seconds = calibrated[reference]["median_step_seconds"]
+        seconds = calibrated[method.name]["median_step_seconds"]
+        budget = reference_steps * reference_seconds
+        return {
+            "reference": reference,
+            "reference_steps": reference_steps,
+            "reference_step_seconds": reference_seconds,
+            "budget_seconds": budget,
+            "step_seconds": seconds,
+            "steps": max(1, round(budget / seconds)),
+        }
 
     def run_part(self, part: str, rates_from: dict[str, float]) -> dict[str, float]:
         """Each method's grid at the grid seed, then its other seeds at the chosen rate; the chosen rates.
@@ -363,6 +456,11 @@ class Study:
         settings = PARTS[part]
         chosen: dict[str, float] = {}
         for method in settings.methods:
+            plan = None
+            if settings.time_of not in (None, method.name):  # the reference trains its part's epochs
+                plan = self.equal_time_plan(part, method)
+                if plan is None:
+                    continue
             if method.learning_rate_of is not None:
                 known = rates_from if settings.rates_from is not None else chosen
                 if method.learning_rate_of not in known:
@@ -373,7 +471,7 @@ class Study:
                 finals = {}
                 grid = method.learning_rates[:2] if self.args.quick else method.learning_rates
                 for rate in grid:
-                    record = self.run(part, method, rate, self.args.grid_seed)
+                    record = self.run(part, method, rate, self.args.grid_seed, plan)
                     if record is not None:
                         finals[rate] = settings.sign * record["curve"][-1][settings.metric]
                 if len(finals) < len(grid):
@@ -384,19 +482,87 @@ class Study:
             if self.args.quick:  # CI runs the seeds it asks for only
                 seeds = [seed for seed in seeds if seed in self.args.seeds]
             for seed in seeds:
-                self.run(part, method, rate, seed)
+                self.run(part, method, rate, seed, plan)
         return chosen
+
+    def provenance(self) -> dict:
+        """Where and when a calibration or memory measurement was taken."""
+        return {
+            "machine": machine_description("cpu"),
+            "torch_threads": torch.get_num_threads(),
+            "command": self.command,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+    def calibrate(self, part: str) -> None:
+        """Measure the median seconds of a step (batch fetch to step end) of each method of the equal-time ``part``
+        that ``step_seconds.json`` lacks: a short run at the grid seed, the first steps dropped as warm-up. Each
+        is written as soon as it is measured."""
+        warmup, timed = (1, 2) if self.args.quick else (self.args.calibration_warmup_steps, self.args.calibration_steps)
+        measured = self.step_seconds.setdefault(part, {})
+        for method in PARTS[part].methods:
+            if method.name in measured or not self.selected(part, method):
+                continue
+            print(f"[quality] {part}: step seconds of {method.name}", flush=True)
+            rate, seed, load = any_learning_rate(part, method), self.args.grid_seed, os.getloadavg()
+            name = os.path.join("calibration", part, method.name)
+            run = self.in_scratch(name, RUNNERS[part], method, rate, seed, warmup + timed)
+            seconds = run["step_seconds"][warmup:]
+            measured[method.name] = {
+                "median_step_seconds": statistics.median(seconds),
+                "step_seconds": seconds,
+                "warmup_steps": warmup,
+                "learning_rate": rate,
+                "seed": seed,
+                "load_average_before": load,
+                **self.provenance(),
+            }
+            write_json(self.path(STEP_SECONDS_FILE), self.step_seconds)
+
+    def fixed_memory(self, part: str, method: Method) -> dict | None:
+        """``method``'s activation memory on the longest batch of its part's data, if measured with its settings."""
+        entry = self.memory.get(PARTS[part].data, {}).get(method.name)
+        return entry if entry is not None and entry["settings"] == method.settings else None
+
+    def measure_memory(self, part: str) -> None:
+        """Measure the activation memory of one step on the longest training batch of each method of ``part``
+        whose data (classification or SFT) has none with its settings; each written as soon as it is measured."""
+        data = PARTS[part].data
+        for method in PARTS[part].methods:
+            if self.fixed_memory(part, method) is not None or not self.selected(part, method):
+                continue
+            print(f"[quality] {data}: activation memory of {method.name} on the longest batch", flush=True)
+            rate, seed = any_learning_rate(part, method), self.args.grid_seed
+            name = os.path.join("memory", data, method.name)
+            measured = self.in_scratch(name, MEMORY_MEASURES[data], method, rate, seed)
+            self.memory.setdefault(data, {})[method.name] = {
+                **measured,
+                "settings": method.settings,
+                "learning_rate": rate,
+                "seed": seed,
+                **self.provenance(),
+            }
+            write_json(self.path(MEMORY_FILE), self.memory)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m scripts.studies.quality``."""
     (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
-    study = Study(args)
+    command = command_line(__spec__.name, argv)
+    study = Study(args, command)
+    for part in args.parts:
+        if args.sitting == "calibrate" and PARTS[part].time_of is not None:
+            study.calibrate(part)
+        if args.sitting == "memory":
+            study.measure_memory(part)
     chosen: dict[str, dict[str, float]] = {}
     for part, settings in PARTS.items():
         if part in args.parts:
             chosen[part] = study.run_part(part, chosen.get(settings.rates_from, {}))
-    command = command_line(__spec__.name, argv)
+    fixed_memory = {
+        part: {method.name: memory for method in PARTS[part].methods if (memory := study.fixed_memory(part, method))}
+        for part in chosen
+    }
     write_study_report(
         args.report_path,
         args.output_dir,
@@ -404,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen,
         study.missing,
         {"command": command, "arguments": asdict(args)},
+        fixed_memory,
     )
 
 

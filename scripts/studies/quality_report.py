@@ -2,7 +2,8 @@
 its runs, whatever subset of them exists.
 
 Each run is a dict with ``part``, ``method``, ``learning_rate``, ``seed``, ``curve`` (validation points
-with ``step``, ``train_seconds`` and the metric), ``test``, ``activation_mib`` and ``train_seconds``.
+with ``step``, ``train_seconds`` and the metric), ``test``, ``activation_mib`` and ``train_seconds``; an equal-time
+run also has ``equal_time``, the plan its steps came from.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class PartView:
     label: str
     higher_is_better: bool
     references: dict[str, str]  # method -> the method it is compared with
+    data: str  # "classification" or "sft": what the part trains on
     rates_from: str | None = None  # the part whose chosen learning rates this part's methods take
+    time_of: str | None = None  # equal time: the method whose wall-clock every method gets
 
     def show(self, value: float | None) -> str:
         if value is None:
@@ -64,6 +67,7 @@ VIEWS = {
             "TokenTune 0.3, gradient": "full fine-tuning",
             "TokenTune 0.1, gradient": "full fine-tuning",
         },
+        "classification",
     ),
     "sft": PartView(
         "Supervised fine-tuning through TRL: SmolLM2-135M-Instruct on chatterbot pairs",
@@ -81,13 +85,43 @@ VIEWS = {
             "LoRA, gradient checkpointing": "LoRA",
             "QLoRA": "LoRA",
             "LoRA + TokenTune 0.3, dense 2": "LoRA",
+            "QLoRA + TokenTune 0.3, gradient": "LoRA",
         },
+        "sft",
     ),
 }
 VIEWS["convergence"] = replace(
     VIEWS["classification"],
     title="Classification, trained longer: MiniLM-L6 on Rotten Tomatoes",
     rates_from="classification",
+)
+VIEWS["classification_equal_time"] = replace(
+    VIEWS["classification"],
+    title="Classification at full fine-tuning's wall-clock: MiniLM-L6 on Rotten Tomatoes",
+    references={
+        method: "full fine-tuning"
+        for method in (
+            "TokenTune 0.3, gradient",
+            "TokenTune 0.3",
+            "TokenTune 0.1, gradient",
+            "full fine-tuning, gradient checkpointing",
+        )
+    },
+    time_of="full fine-tuning",
+)
+VIEWS["sft_equal_time"] = replace(
+    VIEWS["sft"],
+    title="Supervised fine-tuning at LoRA's wall-clock: SmolLM2-135M-Instruct on chatterbot pairs",
+    references={
+        method: "LoRA"
+        for method in (
+            "LoRA + TokenTune 0.3, gradient",
+            "LoRA + TokenTune 0.3, supervised",
+            "LoRA + TokenTune 0.1, gradient",
+            "LoRA, gradient checkpointing",
+        )
+    },
+    time_of="LoRA",
 )
 
 
@@ -148,12 +182,16 @@ def rates_text(chosen: dict[str, float], view: PartView, grid_seed: int) -> str:
     return f"Taken from the {view.rates_from} part's choice (validation split, seed {grid_seed}): {rates}."
 
 
-def summary_rows(by_method: dict[str, list[dict]], view: PartView) -> list[dict]:
+def summary_rows(by_method: dict[str, list[dict]], view: PartView, fixed_memory: dict[str, dict]) -> list[dict]:
+    """One row per method with runs: its test metric over seeds, its activation memory (on the longest batch where
+    ``fixed_memory`` holds it, else its runs' first batches), training seconds and steps."""
     rows = []
     for method, runs in by_method.items():
         if not runs:
             continue
         test_mean, test_std = mean_std([r["test"][view.test_key] for r in runs])
+        fixed = fixed_memory.get(method)
+        activation = {r["seed"]: fixed["activation_mib"] if fixed else r["activation_mib"] for r in runs}
         rows.append(
             {
                 "method": method,
@@ -163,10 +201,12 @@ def summary_rows(by_method: dict[str, list[dict]], view: PartView) -> list[dict]
                 "test_std": test_std,
                 "tests": [r["test"][view.test_key] for r in sorted(runs, key=lambda r: r["seed"])],
                 "validation_mean": statistics.mean(r["curve"][-1][view.validation_key] for r in runs),
-                "activation_mib": statistics.mean(r["activation_mib"] for r in runs),
-                "activation_by_seed": {r["seed"]: r["activation_mib"] for r in runs},
+                "activation_mib": statistics.mean(activation.values()),
+                "activation_by_seed": activation,
+                "activation_batch": "longest" if fixed else "first",
                 "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
                 "steps": runs[0]["curve"][-1]["step"],
+                **({"equal_time": runs[0]["equal_time"]} if "equal_time" in runs[0] else {}),
             }
         )
     return rows
@@ -183,10 +223,55 @@ def summary_table(rows: list[dict], view: PartView) -> str:
         reference = by_name.get(view.references.get(row["method"], ""))
         against = f"{view.gap(row['test_mean'], reference['test_mean'])} vs {reference['method']}" if reference else "-"
         per_seed = ", ".join(view.show(value) for value in row["tests"])
+        first_batch = " *" if row["activation_batch"] == "first" else ""
         lines.append(
             f"| {row['method']} | {row['learning_rate']:g} | {view.show(row['test_mean'])} ± "
             f"{view.show(row['test_std'])} | {per_seed} | {len(row['seeds'])} | {against} | "
-            f"{row['activation_mib']:.1f} | {row['train_seconds']:.0f} | {row['steps']} |"
+            f"{row['activation_mib']:.1f}{first_batch} | {row['train_seconds']:.0f} | {row['steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_note(rows: list[dict], fixed_memory: dict[str, dict]) -> str:
+    """What the activation memory column measured: the longest batch, or (marked *) each run's first batch."""
+    shapes = {" x ".join(str(size) for size in entry["batch"]) for entry in fixed_memory.values()}
+    notes = []
+    if shapes:
+        notes.append(
+            f"Activation memory: one training step on the training split's longest batch ({', '.join(sorted(shapes))} "
+            "tokens), the same batch for every method, measured once per method (`activation_memory.json`)."
+        )
+    if any(row["activation_batch"] == "first" for row in rows):
+        notes.append(
+            "*: not yet measured on the longest batch (a memory sitting measures it): the mean over seeds of each "
+            "run's first batch, whose length depends on the seed."
+        )
+    return " ".join(notes)
+
+
+def equal_time_table(rows: list[dict], view: PartView) -> str:
+    """How each method's steps follow from the calibration: the reference's steps times its median step seconds
+    make the budget, which each method spends at its own median step seconds."""
+    plans = [row["equal_time"] for row in rows if "equal_time" in row]
+    if not plans:
+        return f"No run with calibrated steps yet: each needs the step seconds of {view.time_of} and its own."
+    plan = plans[0]
+    lines = [
+        f"Budget: {view.time_of}'s {plan['reference_steps']} steps x {plan['reference_step_seconds']:.3f} s = "
+        f"{plan['budget_seconds']:.0f} s; each method trains round(budget / its median step seconds) steps, and its "
+        "learning-rate schedule spans them. Median step seconds: one calibration sitting at the grid seed, each "
+        "step timed from the end of the one before (batch fetch and selection included), warm-up steps dropped "
+        "(`step_seconds.json`).",
+        "",
+        "| method | median step seconds | steps | calibrated training seconds | measured training seconds (mean) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        own = row.get("equal_time")
+        seconds = own["step_seconds"] if own else plan["reference_step_seconds"]
+        lines.append(
+            f"| {row['method']} | {seconds:.3f} | {row['steps']} | {row['steps'] * seconds:.0f} | "
+            f"{row['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -220,15 +305,23 @@ def plot_curves(by_method: dict[str, list[dict]], view: PartView, axis: str, pat
     save_figure(figure, path, caption)
 
 
+#: Seeds a configuration needs before a target is called met or missed (unless the target asks for more).
+TARGET_SEEDS = 3
+#: Seeds after which a verdict within a configuration's seed spread of the threshold stands (the issue's rule).
+SPREAD_SEEDS = 5
+
+
 @dataclass(frozen=True)
 class Target:
     """A target of the study: a TokenTune configuration compared with ``reference``, at most ``memory_cap``
-    of its activation memory, within ``tolerance`` of its test metric (points, or relative for a loss)."""
+    of its activation memory, within ``tolerance`` of its test metric (points, or relative for a loss; 0: at
+    least as good), each with ``seeds`` seeds or more."""
 
     name: str
     reference: str
     memory_cap: float
     tolerance: float
+    seeds: int = TARGET_SEEDS
 
 
 TARGETS = {
@@ -237,19 +330,22 @@ TARGETS = {
         Target("LoRA, one epoch", "LoRA", 0.5, 0.01),
     ),
     "sft": (Target("SFT, two epochs", "LoRA", 0.4, 0.02),),
+    # Issue 37: at the reference's wall-clock, 5 seeds each.
+    "classification_equal_time": (
+        Target("At full fine-tuning's wall-clock", "full fine-tuning", 0.5, 0.005, seeds=SPREAD_SEEDS),
+    ),
+    "sft_equal_time": (Target("At LoRA's wall-clock", "LoRA", 0.4, 0.0, seeds=SPREAD_SEEDS),),
 }
-#: Seeds a configuration needs before a target is called met or missed.
-TARGET_SEEDS = 3
-#: Seeds after which a verdict within a configuration's seed spread of the threshold stands (the issue's rule).
-SPREAD_SEEDS = 5
 
 
-def candidates(rows: dict[str, dict], view: PartView, reference: str) -> list[dict]:
-    """The TokenTune configurations compared with ``reference``, with 3 seeds or more."""
+def candidates(rows: dict[str, dict], view: PartView, target: Target) -> list[dict]:
+    """The TokenTune configurations compared with the target's reference, with the seeds it asks for."""
     return [
         row
         for method, row in rows.items()
-        if view.references.get(method) == reference and "TokenTune" in method and len(row["seeds"]) >= TARGET_SEEDS
+        if view.references.get(method) == target.reference
+        and "TokenTune" in method
+        and len(row["seeds"]) >= target.seeds
     ]
 
 
@@ -273,9 +369,12 @@ def target_line(target: Target, rows: dict[str, dict], view: PartView) -> str:
     """Whether a configuration meets ``target``: met, missed, or within its seed spread of the threshold
     (more seeds needed, up to ``SPREAD_SEEDS``); with every candidate's figures."""
     theirs = rows.get(target.reference)
-    if theirs is None or len(theirs["seeds"]) < TARGET_SEEDS:
-        return f"- {target.name}: not measured ({TARGET_SEEDS} seeds of {target.reference} needed)."
-    if view.higher_is_better:
+    if theirs is None or len(theirs["seeds"]) < target.seeds:
+        return f"- {target.name}: not measured ({target.seeds} seeds of {target.reference} needed)."
+    if not target.tolerance:
+        threshold = theirs["test_mean"]
+        want = f"at least as good as {target.reference}'s"
+    elif view.higher_is_better:
         threshold = theirs["test_mean"] - target.tolerance
         want = f"within {100 * target.tolerance:.1f} point of {target.reference}"
     else:
@@ -283,7 +382,7 @@ def target_line(target: Target, rows: dict[str, dict], view: PartView) -> str:
         want = f"within {100 * target.tolerance:.0f}% of {target.reference}'s"
     sign = 1 if view.higher_is_better else -1
     described, verdicts = [], []
-    for row in candidates(rows, view, target.reference):
+    for row in candidates(rows, view, target):
         share = memory_share(row, theirs)
         margin = sign * (row["test_mean"] - threshold)
         verdict = "met" if margin >= 0 else "missed"
@@ -299,7 +398,7 @@ def target_line(target: Target, rows: dict[str, dict], view: PartView) -> str:
             f"({view.gap(row['test_mean'], theirs['test_mean'])}), {100 * share:.0f}% of the memory, {verdict}"
         )
     if not described:
-        return f"- {target.name}: not measured (no TokenTune configuration with {TARGET_SEEDS} seeds)."
+        return f"- {target.name}: not measured (no TokenTune configuration with {target.seeds} seeds)."
     settled = [v for v in verdicts if not v.endswith("seed spread")]
     if any(v.startswith("met") for v in settled):
         verdict = "met"
@@ -341,7 +440,7 @@ def equal_time_line(rows: dict[str, dict], by_method: dict[str, list[dict]], vie
 def target_lines(rows: dict[str, dict], by_method: dict[str, list[dict]], part: str, view: PartView) -> list[str]:
     """The study's targets for this part, each met, missed or not measured, with the figures."""
     lines = [target_line(target, rows, view) for target in TARGETS.get(part, ())]
-    if part != "sft":
+    if view.data == "classification" and view.time_of is None:  # equal time read off the validation curves
         lines.append(equal_time_line(rows, by_method, view))
     return lines
 
@@ -396,7 +495,8 @@ def frontier_lines(
 def setup_text(part: str, arguments: dict) -> str:
     """What a part trains, on what, and how long, from the study's arguments."""
     seeds = ", ".join(str(seed) for seed in arguments["seeds"])
-    rates_from = VIEWS[part].rates_from
+    view = VIEWS[part]
+    rates_from = view.rates_from
     choice = (
         f"Each method at the learning rate the {rates_from} part chose for it (no grid of its own), seeds {seeds}"
         if rates_from
@@ -407,9 +507,15 @@ def setup_text(part: str, arguments: dict) -> str:
         f"{choice}; the test split is used for no choice (evaluated after training; classification also before "
         "it). Training seconds count optimizer steps only (evaluation excluded)."
     )
-    if part != "sft":
+    if view.time_of:
+        common += (
+            f" Equal time: the reference, {view.time_of}, trains the epochs below (its runs are those of the "
+            f"{view.data} part); every other method trains for the same wall-clock, in the steps its calibrated "
+            "median step seconds allow (the table below), its learning-rate schedule spanning them."
+        )
+    if view.data == "classification":
         samples = arguments["train_samples"] or "10,202 (all)"
-        epochs = arguments["epochs" if part == "classification" else "convergence_epochs"]
+        epochs = arguments["convergence_epochs" if part == "convergence" else "epochs"]
         return (
             f"MiniLM-L6 (all-MiniLM-L6-v2, new 2-class head), recipe `configs/minilm_rotten_tomatoes_tokentune.yaml`: "
             f"{samples} training reviews, {epochs:g} epoch(s), batch 32, 64 tokens, AdamW, 20 warm-up "
@@ -428,16 +534,23 @@ def setup_text(part: str, arguments: dict) -> str:
 
 
 def part_section(
-    part: str, runs: list[dict], chosen: dict[str, float], arguments: dict, folder: str, report_dir: str
+    part: str,
+    runs: list[dict],
+    chosen: dict[str, float],
+    arguments: dict,
+    folder: str,
+    report_dir: str,
+    fixed_memory: dict[str, dict],
 ) -> tuple[str, list[dict]]:
-    """The Markdown of one part, its plots written into ``folder``; also the rows it summarised."""
+    """The Markdown of one part, its plots written into ``folder``; also the rows it summarised.
+    ``fixed_memory``: the activation memory of its methods on the longest batch, where measured."""
     view = VIEWS[part]
     grid_seed = arguments["grid_seed"]
     if not any(run["part"] == part for run in runs):
         missing = "No run of this part has been made yet; they are listed at the end."
         return f"## {view.title}\n\n{setup_text(part, arguments)}\n\n{missing}\n", []
     by_method = chosen_runs(runs, part, chosen)
-    rows = summary_rows(by_method, view)
+    rows = summary_rows(by_method, view, fixed_memory)
     caption = f"{view.title}; {machine_description('cpu')}"
     figures = []
     for axis, name in (("step", "steps"), ("train_seconds", "seconds")):
@@ -461,6 +574,9 @@ def part_section(
         "",
         summary_table(rows, view),
         "",
+        memory_note(rows, fixed_memory),
+        "",
+        *([f"### Steps at {view.time_of}'s wall-clock", "", equal_time_table(rows, view), ""] if view.time_of else []),
         *figures,
         "",
         f"### Equal steps: validation {view.label} (mean of seeds)",
@@ -488,15 +604,28 @@ def part_section(
 
 
 def write_study_report(
-    report_path: str, folder: str, runs: list[dict], chosen: dict, missing: list[str], meta: dict
+    report_path: str,
+    folder: str,
+    runs: list[dict],
+    chosen: dict,
+    missing: list[str],
+    meta: dict,
+    fixed_memory: dict[str, dict[str, dict]] | None = None,
 ) -> None:
-    """Write the report to ``report_path``, and its plots and ``results.json`` into ``folder``."""
+    """Write the report to ``report_path``, and its plots and ``results.json`` into ``folder``. ``fixed_memory``:
+    by part and method, the activation memory measured on the longest batch (a memory sitting's)."""
     os.makedirs(folder, exist_ok=True)
     report_dir = os.path.dirname(os.path.abspath(report_path))
     sections, summaries = [], {}
     for part in chosen:
         text, summaries[part] = part_section(
-            part, runs, chosen[part], meta["arguments"], os.path.abspath(folder), report_dir
+            part,
+            runs,
+            chosen[part],
+            meta["arguments"],
+            os.path.abspath(folder),
+            report_dir,
+            (fixed_memory or {}).get(part, {}),
         )
         sections.append(text)
     missing_text = "\n".join(f"- {item}" for item in missing) if missing else "None: the study is complete."
