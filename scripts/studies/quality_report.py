@@ -261,7 +261,8 @@ def equal_time_table(rows: list[dict], view: PartView) -> str:
         f"{plan['budget_seconds']:.0f} s; each method trains round(budget / its median step seconds) steps, and its "
         "learning-rate schedule spans them. Median step seconds: one calibration sitting at the grid seed, each "
         "step timed from the end of the one before (batch fetch and selection included), warm-up steps dropped "
-        "(`step_seconds.json`).",
+        "(`step_seconds.json`). Measured: the runs' own training seconds (optimizer steps only), under whatever "
+        "load their sittings had.",
         "",
         "| method | median step seconds | steps | calibrated training seconds | measured training seconds (mean) |",
         "|---|---:|---:|---:|---:|",
@@ -350,8 +351,8 @@ def candidates(rows: dict[str, dict], view: PartView, target: Target) -> list[di
 
 
 def memory_share(row: dict, reference: dict) -> float:
-    """``row``'s activation memory over ``reference``'s, on the seeds both ran: a step's activations are its
-    first batch's, whose padded length depends on the seed's data order.
+    """``row``'s activation memory over ``reference``'s, on the seeds both ran: without a longest-batch
+    measurement, a step's activations are its first batch's, whose padded length depends on the seed's data order.
 
     Example:
         >>> memory_share({"activation_by_seed": {0: 30.0, 1: 50.0}}, {"activation_by_seed": {0: 100.0, 3: 200.0}})
@@ -509,9 +510,9 @@ def setup_text(part: str, arguments: dict) -> str:
     )
     if view.time_of:
         common += (
-            f" Equal time: the reference, {view.time_of}, trains the epochs below (its runs are those of the "
+            f" Equal time: the reference, {view.time_of}, trains the epochs given here (its runs are those of the "
             f"{view.data} part); every other method trains for the same wall-clock, in the steps its calibrated "
-            "median step seconds allow (the table below), its learning-rate schedule spanning them."
+            "median step seconds allow (the steps table below), its learning-rate schedule spanning them."
         )
     if view.data == "classification":
         samples = arguments["train_samples"] or "10,202 (all)"
