@@ -20,6 +20,7 @@ from scripts.studies.quality_report import (
     summary_rows,
     summary_table,
     target_line,
+    value_at,
 )
 
 
@@ -78,6 +79,16 @@ def test_every_method_but_the_references_is_compared_with_one(part):
     references = set(VIEWS[part].references.values())
     assert references <= methods
     assert methods - references == set(VIEWS[part].references)
+
+
+def test_a_run_has_no_value_at_a_step_it_never_took_but_keeps_its_last_value_at_a_later_time():
+    run = {"curve": [{"step": 64, "train_seconds": 30.0, "m": 0.7}, {"step": 100, "train_seconds": 50.0, "m": 0.8}]}
+    assert value_at(run, "m", 63, "step") is None
+    assert value_at(run, "m", 99, "step") == 0.7
+    assert value_at(run, "m", 100, "step") == 0.8
+    assert value_at(run, "m", 101, "step") is None  # stopped at 100: an equal-time method with fewer steps
+    assert value_at(run, "m", 50 * 1.01, "train_seconds") == 0.8
+    assert value_at(run, "m", 500, "train_seconds") == 0.8  # finished: its result stands at any later time
 
 
 def test_the_frontier_holds_the_methods_no_other_beats_on_both_cost_and_metric():

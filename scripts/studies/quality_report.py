@@ -139,7 +139,11 @@ TIME_SLACK = 1.02
 
 def value_at(run: dict, key: str, limit: float, axis: str) -> float | None:
     """The metric at the last validation point with ``axis`` (step, or train_seconds within the slack) at
-    most ``limit``."""
+    most ``limit``. None before the first point, and, on the step axis, past the run's last step: a run that
+    stopped earlier (an equal-time part's slower method) never took those steps, while at a time limit a finished
+    run's last value stands."""
+    if axis == "step" and limit > run["curve"][-1]["step"]:
+        return None
     slack = TIME_SLACK if axis == "train_seconds" else 1.0
     reached = [point for point in run["curve"] if point[axis] <= limit * slack]
     return reached[-1][key] if reached else None
