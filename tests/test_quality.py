@@ -17,6 +17,7 @@ from scripts.studies.quality_report import (
     VIEWS,
     frontier,
     grid_table,
+    on_calibrated_clock,
     summary_rows,
     summary_table,
     target_line,
@@ -89,6 +90,23 @@ def test_a_run_has_no_value_at_a_step_it_never_took_but_keeps_its_last_value_at_
     assert value_at(run, "m", 101, "step") is None  # stopped at 100: an equal-time method with fewer steps
     assert value_at(run, "m", 50 * 1.01, "train_seconds") == 0.8
     assert value_at(run, "m", 500, "train_seconds") == 0.8  # finished: its result stands at any later time
+
+
+def test_an_equal_time_part_reads_its_seconds_on_the_calibrated_clock_and_keeps_the_measured_ones():
+    plan = {"reference": "full", "reference_step_seconds": 0.9, "step_seconds": 0.6}
+    curve = [{"step": 2, "train_seconds": 5.0}, {"step": 3, "train_seconds": 9.0}]
+    runs = [
+        {"part": "timed", "method": "full", "train_seconds": 9.0, "curve": curve},  # a slow sitting's reference
+        {"part": "timed", "method": "tt", "train_seconds": 1.0, "curve": curve, "equal_time": plan},
+        {"part": "steps", "method": "full", "train_seconds": 9.0, "curve": curve},
+    ]
+    full, tokentune, other_part = on_calibrated_clock(runs, "timed")
+    assert [point["train_seconds"] for point in full["curve"]] == pytest.approx([1.8, 2.7])
+    assert [point["train_seconds"] for point in tokentune["curve"]] == pytest.approx([1.2, 1.8])
+    assert (full["train_seconds"], full["measured_train_seconds"]) == (pytest.approx(2.7), 9.0)
+    assert (tokentune["train_seconds"], tokentune["measured_train_seconds"]) == (pytest.approx(1.8), 1.0)
+    assert other_part is runs[2] and runs[0]["train_seconds"] == 9.0  # other parts, and the inputs, untouched
+    assert on_calibrated_clock(runs[:1], "timed") == runs[:1]  # no plan yet: nothing to read the clock from
 
 
 def test_the_frontier_holds_the_methods_no_other_beats_on_both_cost_and_metric():

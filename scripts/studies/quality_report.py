@@ -125,6 +125,41 @@ VIEWS["sft_equal_time"] = replace(
 )
 
 
+def on_calibrated_clock(runs: list[dict], part: str) -> list[dict]:
+    """``runs`` with those of the equal-time ``part`` on the calibrated clock: each validation point's seconds are
+    its step times its method's median step seconds (the figures its steps were derived from), so the part compares
+    methods at the budget they were given, whatever load or machine speed their sittings had. Each run keeps its
+    own seconds as ``measured_train_seconds``. Unchanged while no run of the part has a plan.
+
+    Example:
+        >>> plan = {"reference": "a", "reference_step_seconds": 2.0, "step_seconds": 1.0}
+        >>> runs = [{"part": "p", "method": "a", "train_seconds": 9.0, "curve": [{"step": 4, "train_seconds": 9.0}]},
+        ...         {"part": "p", "method": "b", "train_seconds": 7.0, "curve": [{"step": 8, "train_seconds": 7.0}],
+        ...          "equal_time": plan}]
+        >>> [(run["train_seconds"], run["measured_train_seconds"]) for run in on_calibrated_clock(runs, "p")]
+        [(8.0, 9.0), (8.0, 7.0)]
+    """
+    plans = {run["method"]: run["equal_time"] for run in runs if run["part"] == part and "equal_time" in run}
+    if not plans:
+        return runs
+    any_plan = next(iter(plans.values()))
+    step_seconds = {any_plan["reference"]: any_plan["reference_step_seconds"]}
+    step_seconds.update({method: plan["step_seconds"] for method, plan in plans.items()})
+
+    def recast(run: dict) -> dict:
+        if run["part"] != part:
+            return run
+        curve = [{**point, "train_seconds": point["step"] * step_seconds[run["method"]]} for point in run["curve"]]
+        return {
+            **run,
+            "curve": curve,
+            "train_seconds": curve[-1]["train_seconds"],
+            "measured_train_seconds": run["train_seconds"],
+        }
+
+    return [recast(run) for run in runs]
+
+
 def chosen_runs(runs: list[dict], part: str, chosen: dict[str, float]) -> dict[str, list[dict]]:
     """Each method's runs at its chosen learning rate, in the study's order."""
     return {
@@ -209,6 +244,11 @@ def summary_rows(by_method: dict[str, list[dict]], view: PartView, fixed_memory:
                 "activation_by_seed": activation,
                 "activation_batch": "longest" if fixed else "first",
                 "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
+                **(
+                    {"measured_train_seconds": statistics.mean(r["measured_train_seconds"] for r in runs)}
+                    if "measured_train_seconds" in runs[0]
+                    else {}
+                ),
                 "steps": runs[0]["curve"][-1]["step"],
                 **({"equal_time": runs[0]["equal_time"]} if "equal_time" in runs[0] else {}),
             }
@@ -265,8 +305,9 @@ def equal_time_table(rows: list[dict], view: PartView) -> str:
         f"{plan['budget_seconds']:.0f} s; each method trains round(budget / its median step seconds) steps, and its "
         "learning-rate schedule spans them. Median step seconds: one calibration sitting at the grid seed, each "
         "step timed from the end of the one before (batch fetch and selection included), warm-up steps dropped "
-        "(`step_seconds.json`). Measured: the runs' own training seconds (optimizer steps only), under whatever "
-        "load their sittings had.",
+        "(`step_seconds.json`). In this part every training-seconds figure (tables, plots, frontier) is on this "
+        "calibrated clock: steps x median step seconds. Measured: the runs' own training seconds (optimizer steps "
+        "only), under whatever load and machine speed their sittings had.",
         "",
         "| method | median step seconds | steps | calibrated training seconds | measured training seconds (mean) |",
         "|---|---:|---:|---:|---:|",
@@ -276,7 +317,7 @@ def equal_time_table(rows: list[dict], view: PartView) -> str:
         seconds = own["step_seconds"] if own else plan["reference_step_seconds"]
         lines.append(
             f"| {row['method']} | {seconds:.3f} | {row['steps']} | {row['steps'] * seconds:.0f} | "
-            f"{row['train_seconds']:.0f} |"
+            f"{row.get('measured_train_seconds', row['train_seconds']):.0f} |"
         )
     return "\n".join(lines)
 
@@ -554,6 +595,8 @@ def part_section(
     if not any(run["part"] == part for run in runs):
         missing = "No run of this part has been made yet; they are listed at the end."
         return f"## {view.title}\n\n{setup_text(part, arguments)}\n\n{missing}\n", []
+    if view.time_of:
+        runs = on_calibrated_clock(runs, part)
     by_method = chosen_runs(runs, part, chosen)
     rows = summary_rows(by_method, view, fixed_memory)
     caption = f"{view.title}; {machine_description('cpu')}"
