@@ -353,3 +353,16 @@ def test_quick_equal_time_parts_train_each_method_for_its_calibrated_share_of_th
     (tmp_path / "quality" / "step_seconds.json").write_text(json.dumps(calibration))
     with pytest.raises(ValueError, match="step_seconds.json or the reference's runs changed since"):
         quick(tmp_path, *equal_time)
+
+
+def test_a_classification_method_runs_the_selection_it_names_whatever_the_recipe_sets():
+    from tokentune_peft.cli.recipes import parse_recipe
+
+    from scripts.studies.quality_runners import classification_flags
+
+    args = quality.QualityArguments()
+    for part in ("classification", "classification_equal_time"):
+        for method in quality.PARTS[part].methods:
+            config, flags = classification_flags(args, method, 1e-4, 0, "unused", max_steps=None)
+            recipe, _ = parse_recipe(config, flags)
+            assert recipe.selection == method.settings.get("selection", "uniform"), method.name

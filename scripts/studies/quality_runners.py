@@ -51,6 +51,7 @@ def classification_flags(
     """The recipe file and the command-line overrides of a classification run (``args.epochs`` unless ``epochs``)."""
     config = "tiny_bert_rotten_tomatoes.yaml" if args.quick else "minilm_rotten_tomatoes_tokentune.yaml"
     overrides = {
+        "selection": "uniform",  # a method that names no selection is uniform, whatever the recipe sets
         **method.settings,
         "learning_rate": learning_rate,
         "seed": seed,

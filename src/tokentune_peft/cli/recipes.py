@@ -16,6 +16,7 @@ from peft import LoraConfig
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import TokenTuneConfig
+from ..selection.strategies import SELECTION_STRATEGIES
 from .model_configs import TINY_MODELS, VISION_MODELS
 
 #: Models a recipe can name; anything else is a local pretrained folder.
@@ -46,7 +47,7 @@ class RecipeArguments:
     num_selected: int | None = field(default=None, metadata={"help": "TokenTune: fixed k instead of a ratio."})
     always_select: str = field(default="auto", metadata={"help": "TokenTune: 'auto', 'first', 'last' or 'none'."})
     selection: str = field(
-        default="uniform", metadata={"help": "TokenTune: 'uniform', 'supervised' or 'importance' selection."}
+        default="uniform", metadata={"help": f"TokenTune: how positions are chosen, one of {SELECTION_STRATEGIES}."}
     )
     uniform_share: float | None = field(
         default=None, metadata={"help": "TokenTune: uniform share of 'supervised' / 'importance' (default 0.2)."}
