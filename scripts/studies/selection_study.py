@@ -106,7 +106,8 @@ def interleaved_step_times(task: str, args: SelectionStudyArguments, ratio: floa
     (``seconds``), and the share of selected positions whose loss term has a label
     (``labelled_share``, over every timed step's draw)."""
     recipe, training = parse_recipe(
-        _config(task, args.quick), f"{_common(task, args)} --selection_ratio {ratio} --output_dir unused".split()
+        _config(task, args.quick),
+        f"{_common(task, args)} --selection uniform --selection_ratio {ratio} --output_dir unused".split(),
     )
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(recipe)
